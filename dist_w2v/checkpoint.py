@@ -1,0 +1,157 @@
+"""Checkpoints: what they hold, how they are written safely, and how the newest valid one is found.
+
+A checkpoint file is ``MAGIC + sha256(payload) + payload`` where the payload is a ``torch.save``
+of the training state. The digest makes a truncated or bit-flipped file detectable before
+anything is unpickled. Files are written by rank 0 to a temporary name in the same directory,
+flushed, fsynced and renamed into place, so the newest complete checkpoint is never replaced by
+a partial one; the other ranks learn the outcome through a collective, not a sleep.
+
+The random stream needs no saved state: an epoch's examples and its shuffle are pure functions
+of (seed, epoch), so (epoch, step) is the whole sampler position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dist_w2v.config import CkptConfig
+from dist_w2v.distributed import DistEnv, broadcast_flag
+from dist_w2v.errors import UserError
+
+MAGIC = b"DISTW2V-CKPT-1\n"
+DIGEST_BYTES = 32
+NAME = re.compile(r"^step-(\d{9,})\.pt$")
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint file that is truncated, altered or not ours."""
+
+
+def checkpoint_name(global_step: int) -> str:
+    return f"step-{global_step:09d}.pt"
+
+
+def encode_checkpoint(payload: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    return MAGIC + hashlib.sha256(body).digest() + body
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and verify one checkpoint file; a one-line CorruptCheckpoint when it is bad."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be read ({exc.strerror})") from None
+    header = len(MAGIC) + DIGEST_BYTES
+    if len(raw) < header or not raw.startswith(MAGIC):
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated (bad header)")
+    digest, body = raw[len(MAGIC):header], raw[header:]
+    if hashlib.sha256(body).digest() != digest:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
+    try:
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise CorruptCheckpoint(f"checkpoint {path} cannot be loaded ({exc.__class__.__name__})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "state" not in payload:
+        raise CorruptCheckpoint(f"checkpoint {path} is not a dist-w2v checkpoint")
+    return payload
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to ``path.tmp`` in the same directory, fsync, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class Found:
+    path: Path
+    payload: dict[str, Any]
+
+
+class Checkpointer:
+    """Owns the policy: when to save, file names, how many to keep, which one to resume."""
+
+    def __init__(self, directory: Path, cfg: CkptConfig, env: DistEnv, say=print):
+        self.directory = Path(directory)
+        self.cfg = cfg
+        self.env = env
+        self.say = say
+
+    def due(self, global_step: int) -> bool:
+        return self.cfg.every_steps > 0 and global_step % self.cfg.every_steps == 0
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files, newest step first."""
+        if not self.directory.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := NAME.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, payload: dict[str, Any], global_step: int) -> Path:
+        """Rank 0 writes; every rank returns only once the file is in place (or raises)."""
+        path = self.directory / checkpoint_name(global_step)
+        error: str | None = None
+        if self.env.is_main:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                write_atomically(path, encode_checkpoint(payload))
+                self._prune()
+            except OSError as exc:
+                previous = next((p for p in self.checkpoints() if p != path), None)
+                kept = f"; {previous} is intact" if previous else ""
+                error = f"could not write checkpoint {path} ({exc.strerror or exc}){kept}"
+        if broadcast_flag(self.env, error is not None):
+            raise UserError(error or "checkpoint write failed on rank 0; see its log")
+        return path
+
+    def _prune(self) -> None:
+        for old in self.checkpoints()[self.cfg.keep:]:
+            old.unlink(missing_ok=True)
+
+    def load_latest_valid(self) -> Found | None:
+        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+        for path in self.checkpoints():
+            try:
+                return Found(path, read_checkpoint(path))
+            except CorruptCheckpoint as exc:
+                self.say(f"skipping {exc}")
+        return None
+
+    def resolve(self, resume: str | None) -> Found | None:
+        """``--resume``: None (start fresh), "auto" (newest valid, if any) or a file path."""
+        if resume is None:
+            return None
+        if resume == "auto":
+            return self.load_latest_valid()
+        path = Path(resume)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} not found; pass an existing file or --resume auto")
+        return Found(path, read_checkpoint(path))

@@ -1,0 +1,317 @@
+"""Typed configuration: defaults, then a YAML file, then dotted ``key=value`` overrides.
+
+That is the only override path. Every field is validated where it is declared, and an unknown
+key or a bad value raises :class:`UserError` naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_w2v.errors import UserError
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config: {key} {message}")
+
+
+def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None
+    """Folder holding ptb.train.txt; else $DIST_W2V_DATA, else a per-user cache (downloaded)."""
+    corpus: str | None = None
+    """Any other whitespace-tokenized, one-sentence-per-line text file to train on instead of PTB."""
+    max_sentences: int = 0
+    """Use only the first N sentences (0 = all); for smoke runs."""
+    min_count: int = 10
+    """Words seen fewer times map to <unk> and are dropped."""
+    subsample_t: float = 1e-4
+    """Subsampling threshold t: keep word w with probability min(1, sqrt(t / f(w)))."""
+    max_window: int = 5
+    """Context window radius is drawn uniformly from 1..max_window for every center."""
+    num_negatives: int = 5
+    """Noise words drawn per context word, from unigram counts ** 0.75."""
+    resample_each_epoch: bool = True
+    """Redraw subsampling, windows and negatives every epoch (word2vec); false = d2l's draw-once."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_sentences >= 0, "data.max_sentences", "must be >= 0 (0 = all)")
+        _require(self.min_count >= 1, "data.min_count", "must be >= 1")
+        _require(self.subsample_t > 0, "data.subsample_t", "must be > 0")
+        _require(self.max_window >= 1, "data.max_window", "must be >= 1")
+        _require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 100
+    """Embedding width D of both tables."""
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, "model.dim", "must be >= 1")
+
+
+OPTIMIZERS = ("sparse_adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+PATHS = ("padded",)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    """Passes over the corpus."""
+    batch_size: int = 512
+    """Global batch, in center words; each of W ranks takes batch_size / W."""
+    lr: float = 0.002
+    """Learning rate (SparseAdam), or the starting rate of SGD's linear decay to lr_min."""
+    lr_min: float = 0.0001
+    """SGD only: the rate the linear decay reaches at the last step (word2vec decays to 0.0001*lr)."""
+    optimizer: str = "sparse_adam"
+    """sparse_adam (the seed's Adam, lazily on touched rows) or sgd (word2vec's linear decay)."""
+    seed: int = 0
+    """Seeds initialisation and every epoch's examples: epoch e is a pure function of (seed, e)."""
+    device: str = "auto"
+    """auto picks cuda when available, else cpu."""
+    threads: int = 0
+    """Intra-op threads per process; 0 = cores / local processes."""
+    path: str = "padded"
+    """padded: the seed's bmm over L padded slots per center (the reference)."""
+    compile: bool = False
+    """Wrap the model's step in torch.compile (measured; see the README)."""
+    log_every_steps: int = 100
+    """How often the running loss is read from the device, printed and logged."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(self.lr > 0, "train.lr", "must be > 0")
+        _require(self.lr_min >= 0, "train.lr_min", "must be >= 0")
+        _require_choice(self.optimizer, "train.optimizer", OPTIMIZERS)
+        _require_choice(self.device, "train.device", DEVICES)
+        _require_choice(self.path, "train.path", PATHS)
+        _require(self.threads >= 0, "train.threads", "must be >= 0 (0 = auto)")
+        _require(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1")
+
+
+BACKENDS = ("auto", "gloo", "nccl")
+GRAD_EXCHANGES = ("auto", "allreduce", "allgather", "dense")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"
+    """auto: nccl on CUDA, gloo on CPU."""
+    grad_exchange: str = "auto"
+    """How sparse gradients cross ranks: allreduce (gloo's sparse allreduce), allgather (hook),
+    dense (hook: allreduce of the densified table), auto (allgather on NCCL, allreduce on gloo)."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.backend, "dist.backend", BACKENDS)
+        _require_choice(self.grad_exchange, "dist.grad_exchange", GRAD_EXCHANGES)
+
+
+@dataclass
+class CkptConfig:
+    every_steps: int = 0
+    """Save every N optimizer steps (0 = only at epoch ends)."""
+    keep: int = 3
+    """How many of the newest checkpoints to keep."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 0, "ckpt.every_steps", "must be >= 0 (0 = epoch ends only)")
+        _require(self.keep >= 1, "ckpt.keep", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 1
+    """Evaluate on rank 0 every N epochs (0 = never during training)."""
+    probes: list[str] = field(default_factory=lambda: ["chip", "intel", "stock", "japan", "good"])
+    """Words whose nearest neighbours are logged at each evaluation."""
+    k: int = 3
+    """Neighbours shown per probe word."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_epochs >= 0, "eval.every_epochs", "must be >= 0")
+        _require(self.k >= 1, "eval.k", "must be >= 1")
+
+
+WANDB_MODES = ("off", "offline", "online")
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "off"
+    """off, offline (no network, synced later with `wandb sync`) or online."""
+    project: str = "dist-w2v"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    every_steps: int = 100
+    """Per-step loss and throughput go to metrics.jsonl and wandb every N steps."""
+
+    def __post_init__(self) -> None:
+        _require_choice(self.wandb, "log.wandb", WANDB_MODES)
+        _require(self.every_steps >= 1, "log.every_steps", "must be >= 1")
+
+
+@dataclass
+class DebugConfig:
+    fail_at_step: int = -1
+    """Fault injection for tests: exit abruptly at this global step (first attempt only)."""
+    fail_rank: int = 0
+    """The rank that fails."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field's annotation, accepting ints where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+        raise UserError(f"config: {key} has a bad value {value!r} (expected {annotation})")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise UserError(f"config: {key} must be a list (got {value!r})")
+        return [_coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config: {key} must be true or false (got {value!r})")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config: {key} must be an integer (got {value!r})")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config: {key} must be a number (got {value!r})")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config: {key} must be a string (got {value!r})")
+    raise UserError(f"config: {key} has an unsupported type {annotation}")
+
+
+def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
+    section_names = [f.name for f in dataclasses.fields(Config)]
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in section_names:
+        raise UserError(
+            f"config: unknown key {key!r}; keys look like SECTION.FIELD with SECTION one of "
+            f"{', '.join(section_names)}"
+        )
+    section, name = parts
+    section_cls = Config.__dataclass_fields__[section].default_factory  # type: ignore[misc]
+    valid = [f.name for f in dataclasses.fields(section_cls)]
+    if name not in valid:
+        raise UserError(f"config: unknown key {key!r}; {section} accepts {', '.join(valid)}")
+    annotation = _section_types(section_cls)[name]
+    tree.setdefault(section, {})[name] = _coerce(value, annotation, key)
+
+
+def _flatten_yaml(raw: Any, source: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config: {source} must hold a mapping of sections (data, model, train, ...)")
+    flat: dict[str, Any] = {}
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            raise UserError(f"config: section {section!r} in {source} must be a mapping of fields")
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=0.003`` -> ("train.lr", 0.003), with YAML typing of the right-hand side."""
+    if "=" not in text:
+        raise UserError(f"config: override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build the resolved config: dataclass defaults < YAML file < ``key=value`` overrides."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            first_line = str(exc).splitlines()[0]
+            raise UserError(f"config file {path} is not valid YAML ({first_line})") from None
+        flat.update(_flatten_yaml(raw, str(path)))
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+    return _build(flat)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a saved config (a checkpoint's, or a run directory's config.yaml)."""
+    return _build(_flatten_yaml(raw, "saved config"))
+
+
+def _build(flat: dict[str, Any]) -> Config:
+    tree: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        _merge(tree, key, value)
+    return Config(
+        **{
+            f.name: f.default_factory(**tree.get(f.name, {}))  # type: ignore[misc]
+            for f in dataclasses.fields(Config)
+        }
+    )

@@ -1,0 +1,177 @@
+"""Process setup: who this process is, which device and backend it uses, and teardown.
+
+This is the only module that reads the launcher's environment (torchrun's RANK / WORLD_SIZE /
+LOCAL_RANK, or SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID for a bare ``srun``).
+Everything else receives the frozen :class:`DistEnv` it builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dist_w2v.config import Config
+from dist_w2v.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    """None for a plain single process (no process group, no DDP)."""
+    restart_count: int = 0
+    """How often torchrun has restarted the workers (TORCHELASTIC_RESTART_COUNT)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    launcher: str  # "torchrun", "slurm" or "none"
+
+
+def read_launch_env(environ: Mapping[str, str]) -> LaunchInfo:
+    """Ranks from torchrun's variables, else a multi-task srun's, else a single process."""
+    if "WORLD_SIZE" in environ and "RANK" in environ:
+        world_size = int(environ["WORLD_SIZE"])
+        return LaunchInfo(
+            rank=int(environ["RANK"]),
+            local_rank=int(environ.get("LOCAL_RANK", "0")),
+            world_size=world_size,
+            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+            launcher="torchrun",
+        )
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+        if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
+            raise UserError(
+                "launched by srun with several tasks but MASTER_ADDR/MASTER_PORT are unset; "
+                "export them in the job script, or launch through slurm/train.sbatch (torchrun)"
+            )
+        return LaunchInfo(
+            rank=int(environ["SLURM_PROCID"]),
+            local_rank=int(environ.get("SLURM_LOCALID", "0")),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            launcher="slurm",
+        )
+    return LaunchInfo(0, 0, 1, 1, "none")
+
+
+def choose_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "start at most one process per GPU"
+            )
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if requested == "nccl" and device.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
+    return requested
+
+
+def set_threads(requested: int, local_world_size: int) -> None:
+    """One process per core share: oversubscribed ranks on a small CPU box run far slower."""
+    threads = requested or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(threads)
+
+
+def init_distributed(
+    cfg: Config, environ: Mapping[str, str] | None = None, store: dist.Store | None = None
+) -> DistEnv:
+    """Build this process's DistEnv and, when there are ranks, its process group.
+
+    A process started without a launcher gets no process group (plain single-process training).
+    ``store`` lets in-process tests join a group through a FileStore instead of env://.
+    """
+    environ = os.environ if environ is None else environ
+    launch = read_launch_env(environ)
+    if store is not None:
+        launch = LaunchInfo(launch.rank, launch.local_rank, launch.world_size,
+                            launch.local_world_size, "store")
+    set_threads(cfg.train.threads, launch.local_world_size)
+    device = choose_device(cfg.train.device, launch.local_rank)
+    restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if launch.launcher == "none":
+        return DistEnv(device=device, restart_count=restarts)
+    backend = choose_backend(cfg.dist.backend, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=30)
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method="env://", rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout)
+    return DistEnv(launch.rank, launch.local_rank, launch.world_size, launch.local_world_size,
+                   device, backend, restarts)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(
+    cfg: Config, environ: Mapping[str, str] | None = None, store: dist.Store | None = None
+) -> Iterator[DistEnv]:
+    """The process group lives exactly as long as this block, also when it raises."""
+    env = init_distributed(cfg, environ, store)
+    try:
+        yield env
+    finally:
+        teardown(env)
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        if env.device.type == "cuda":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
+
+
+def all_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (in place) and return it."""
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_flag(env: DistEnv, flag: bool) -> bool:
+    """True on every rank when it is true on any rank (stop requests, failures)."""
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

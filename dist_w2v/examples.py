@@ -1,0 +1,224 @@
+"""One epoch of skip-gram examples, built with tensor operations on the training device.
+
+Everything d2l 14.3 does per token in Python (subsampling, random windows, negatives with
+rejection of the center's contexts, the padded layout) is done here as whole-array operations.
+An epoch is a pure function of (seed, epoch), so a resumed or restarted run rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dist_w2v.config import DataConfig
+from dist_w2v.corpus import EncodedCorpus, Vocab
+from dist_w2v.errors import UserError
+
+# Rejected negatives are redrawn in rounds over the rows that clashed. PTB settles in 3-4
+# rounds; the bound only stops a vocabulary too small to ever avoid the contexts.
+MAX_REJECTION_ROUNDS = 64
+
+
+@dataclass
+class EpochExamples:
+    """The padded layout of d2l 14.3, one row per center word.
+
+    ``contexts_negatives[i]`` holds the n_i contexts, then n_i*K negatives, then 0-padding, in
+    L = 2·max_window·(1+K) slots. ``mask`` and ``label`` follow from ``num_contexts`` alone.
+    """
+
+    centers: torch.Tensor  # (N,) int32
+    contexts_negatives: torch.Tensor  # (N, L) int32
+    num_contexts: torch.Tensor  # (N,) int64
+    num_negatives: int
+
+    def __len__(self) -> int:
+        return int(self.centers.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.contexts_negatives.shape[1])
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.num_contexts.sum())
+
+    def batch(self, index: torch.Tensor) -> "Batch":
+        n = self.num_contexts.index_select(0, index)
+        return Batch(
+            centers=self.centers.index_select(0, index),
+            contexts_negatives=self.contexts_negatives.index_select(0, index),
+            num_contexts=n,
+            num_negatives=self.num_negatives,
+        )
+
+
+@dataclass
+class Batch:
+    centers: torch.Tensor  # (B,)
+    contexts_negatives: torch.Tensor  # (B, L)
+    num_contexts: torch.Tensor  # (B,)
+    num_negatives: int
+
+    def __len__(self) -> int:
+        return int(self.centers.shape[0])
+
+    def mask_and_label(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return mask_and_label(self.num_contexts, self.contexts_negatives.shape[1], self.num_negatives)
+
+
+def mask_and_label(
+    num_contexts: torch.Tensor, width: int, num_negatives: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """d2l's (B, L) float mask (1 on real slots) and label (1 on contexts) of the padded layout."""
+    slots = torch.arange(width, device=num_contexts.device)
+    n = num_contexts.unsqueeze(1)
+    mask = (slots < n * (1 + num_negatives)).float()
+    label = (slots < n).float()
+    return mask, label
+
+
+def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vose's alias method: draw column i uniformly, keep it with probability[i], else alias[i]."""
+    size = len(distribution)
+    scaled = distribution * size
+    probability = np.ones(size)
+    alias = np.arange(size)
+    small = [i for i in range(size) if scaled[i] < 1.0]
+    large = [i for i in range(size) if scaled[i] >= 1.0]
+    while small and large:
+        lo, hi = small.pop(), large.pop()
+        probability[lo], alias[lo] = scaled[lo], hi
+        scaled[hi] += scaled[lo] - 1.0
+        (small if scaled[hi] < 1.0 else large).append(hi)
+    return probability, alias
+
+
+class ExampleBuilder:
+    """Holds the corpus and the sampling tables on one device and draws epochs from them."""
+
+    def __init__(self, corpus: EncodedCorpus, vocab: Vocab, cfg: DataConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        # int32 ids halve the memory traffic of every epoch pass; embeddings accept them as is.
+        self.tokens = torch.as_tensor(corpus.tokens, dtype=torch.int32, device=device)
+        self.sentence_ids = torch.as_tensor(corpus.sentence_ids, device=device)
+        counts = vocab.counts.astype(np.float64)
+        frequency = counts / counts[1:].sum()
+        keep = np.ones_like(frequency)
+        keep[1:] = np.minimum(1.0, np.sqrt(cfg.subsample_t / frequency[1:]))
+        self.keep_probability = torch.as_tensor(keep, device=device)
+        noise = counts**0.75
+        noise[0] = 0.0  # d2l draws noise from indices 1..V-1 only
+        self.noise_distribution = noise / noise.sum()
+        probability, alias = alias_table(self.noise_distribution)
+        self.alias_probability = torch.as_tensor(probability, dtype=torch.float32, device=device)
+        self.alias = torch.as_tensor(alias, dtype=torch.int32, device=device)
+        self.vocab_size = len(vocab)
+        self.width = 2 * cfg.max_window * (1 + cfg.num_negatives)
+
+    def generator(self, seed: int, epoch: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        # Distinct, reproducible streams per (seed, epoch); 1_000_003 is prime to avoid overlap.
+        g.manual_seed(seed * 1_000_003 + epoch)
+        return g
+
+    def build(self, seed: int, epoch: int) -> EpochExamples:
+        g = self.generator(seed, epoch)
+        tokens, sentence_ids = self.subsample(g)
+        centers, contexts, num_contexts = self.windows(tokens, sentence_ids, g)
+        return EpochExamples(
+            centers=centers,
+            contexts_negatives=self.build_layout(contexts, num_contexts, g),
+            num_contexts=num_contexts,
+            num_negatives=self.cfg.num_negatives,
+        )
+
+    def subsample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop frequent words at random, then sentences left with fewer than 2 words."""
+        draw = torch.rand(self.tokens.shape, generator=g, device=self.device, dtype=torch.float64)
+        kept = draw < self.keep_probability[self.tokens]
+        tokens, sentence_ids = self.tokens[kept], self.sentence_ids[kept]
+        _, inverse, lengths = torch.unique_consecutive(
+            sentence_ids, return_inverse=True, return_counts=True
+        )
+        long_enough = lengths[inverse] >= 2
+        return tokens[long_enough], sentence_ids[long_enough]
+
+    def windows(
+        self, tokens: torch.Tensor, sentence_ids: torch.Tensor, g: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every token is a center; its contexts lie within a window drawn from 1..max_window.
+
+        Returns the centers, their contexts packed to the left of a (N, 2·max_window) array in
+        position order (as d2l lists them), and the number of contexts of each center.
+        """
+        m = self.cfg.max_window
+        n = tokens.shape[0]
+        radius = torch.randint(1, m + 1, (n,), generator=g, device=self.device)
+        offsets = torch.cat(
+            [torch.arange(-m, 0, device=self.device), torch.arange(1, m + 1, device=self.device)]
+        )
+        positions = torch.arange(n, device=self.device).unsqueeze(1) + offsets
+        clamped = positions.clamp(0, max(n - 1, 0))
+        valid = (
+            (positions >= 0)
+            & (positions < n)
+            & (offsets.abs() <= radius.unsqueeze(1))
+            & (sentence_ids[clamped] == sentence_ids.unsqueeze(1))
+        )
+        # Valid offsets form one contiguous run per row (the window minus its center), so a
+        # stable sort of "invalid" flags packs them left while keeping position order.
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
+        contexts = torch.where(valid, tokens[clamped], 0).gather(1, order)
+        return tokens, contexts, valid.sum(1)
+
+    def draw_noise(self, count: int, g: torch.Generator) -> torch.Tensor:
+        """``count`` iid draws from counts**0.75 over 1..V-1, by the alias method (exact, O(1))."""
+        column = torch.randint(0, self.vocab_size, (count,), generator=g, device=self.device,
+                               dtype=torch.int32)
+        coin = torch.rand(count, generator=g, device=self.device)
+        return torch.where(coin < self.alias_probability[column], column, self.alias[column])
+
+    def build_layout(
+        self, contexts: torch.Tensor, num_contexts: torch.Tensor, g: torch.Generator
+    ) -> torch.Tensor:
+        """The padded (N, L) rows: n contexts, then n·K negatives, then 0.
+
+        Negatives are iid, so they are drawn straight into their slots; a draw equal to one of
+        the row's contexts is redrawn (d2l's rejection), in rounds over the rows that clashed.
+        """
+        k = self.cfg.num_negatives
+        n_rows, ctx_width = contexts.shape
+        slots = torch.arange(self.width, device=self.device)
+        n = num_contexts.unsqueeze(1)
+        is_negative = (slots >= n) & (slots < n * (1 + k))
+        layout = torch.zeros((n_rows, self.width), dtype=torch.int32, device=self.device)
+        layout.masked_scatter_(is_negative, self.draw_noise(int(num_contexts.sum()) * k, g))
+        rows = None  # None: every row (saves copying the whole layout in the first round)
+        for _ in range(MAX_REJECTION_ROUNDS):
+            sub_layout = layout if rows is None else layout[rows]
+            sub_contexts = contexts if rows is None else contexts[rows]
+            sub_negative = is_negative if rows is None else is_negative[rows]
+            clash = torch.zeros_like(sub_negative)
+            for j in range(ctx_width):  # a loop over window slots, not over tokens
+                clash |= sub_layout == sub_contexts[:, j : j + 1]
+            clash &= sub_negative
+            clashing_rows = clash.any(1)
+            if not bool(clashing_rows.any()):
+                break
+            sub_layout.masked_scatter_(clash, self.draw_noise(int(torch.count_nonzero(clash)), g))
+            if rows is None:
+                rows = clashing_rows.nonzero().squeeze(1)
+            else:
+                layout[rows] = sub_layout
+                rows = rows[clashing_rows]
+        else:
+            raise UserError(
+                "cannot draw negatives that differ from the contexts: the vocabulary is too "
+                "small; lower data.min_count or use a larger corpus"
+            )
+        layout[:, :ctx_width] = torch.where(slots[:ctx_width] < n, contexts, layout[:, :ctx_width])
+        return layout

@@ -1,0 +1,46 @@
+"""The skip-gram model of the seed: two sparse embedding tables, bmm scores, masked sigmoid BCE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dist_w2v.examples import mask_and_label
+
+
+def skip_gram(
+    center: torch.Tensor, contexts_and_negatives: torch.Tensor, embed_v: nn.Module, embed_u: nn.Module
+) -> torch.Tensor:
+    """The seed's forward: (B, 1) centers and (B, L) candidates give (B, 1, L) dot products."""
+    v = embed_v(center)
+    u = embed_u(contexts_and_negatives)
+    return torch.bmm(v, u.permute(0, 2, 1))
+
+
+def masked_bce(pred: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The seed's loss per example: sigmoid BCE averaged over the real (unmasked) slots."""
+    out = F.binary_cross_entropy_with_logits(pred, label, weight=mask, reduction="none")
+    return out.mean(dim=1) * mask.shape[1] / mask.sum(dim=1)
+
+
+class SkipGram(nn.Module):
+    """Center (v) and context (u) tables with sparse gradients; ``center`` is the word vector."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.center = nn.Embedding(vocab_size, dim, sparse=True)
+        self.context = nn.Embedding(vocab_size, dim, sparse=True)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        for table in (self.center, self.context):
+            nn.init.xavier_uniform_(table.weight, generator=generator)
+
+    def forward(
+        self, centers: torch.Tensor, contexts_negatives: torch.Tensor, num_contexts: torch.Tensor,
+        num_negatives: int,
+    ) -> torch.Tensor:
+        """Per-example loss (B,) of a padded batch; the caller reduces it."""
+        pred = skip_gram(centers.unsqueeze(1), contexts_negatives, self.center, self.context)
+        mask, label = mask_and_label(num_contexts, contexts_negatives.shape[1], num_negatives)
+        return masked_bce(pred.squeeze(1), label, mask)

@@ -1,0 +1,81 @@
+"""``dist-w2v train`` end to end: config, process group, run directory, trainer, teardown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from dist_w2v.checkpoint import Checkpointer
+from dist_w2v.config import Config, load_config
+from dist_w2v.distributed import DistEnv, barrier, distributed
+from dist_w2v.errors import UserError
+from dist_w2v.evaluate import probe_neighbours
+from dist_w2v.metrics import NullLogger, RunLogger
+from dist_w2v.preemption import StopRequest, requeue_slurm_job
+from dist_w2v.train import Trainer
+
+
+def default_run_dir(config_path: str) -> Path:
+    return Path("runs") / Path(config_path).stem
+
+
+def effective_resume(resume: str | None, env: DistEnv, checkpointer: Checkpointer) -> str | None:
+    """Restarted workers resume by themselves; a fresh run never silently reuses a run dir."""
+    if resume is None and env.restart_count > 0:
+        return "auto"
+    if resume is None and checkpointer.checkpoints():
+        raise UserError(
+            f"{checkpointer.directory} already holds checkpoints; pass --resume auto to continue "
+            "that run, or choose another --run-dir"
+        )
+    return resume
+
+
+def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, fresh: bool) -> None:
+    """Rank 0 creates the run directory and writes the resolved config; the others wait."""
+    error = None
+    if env.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg.save(run_dir / "config.yaml")
+            if fresh:
+                (run_dir / "metrics.jsonl").write_text("")
+        except OSError as exc:
+            error = f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir"
+    if error:
+        raise UserError(error)
+    barrier(env)
+
+
+def make_evaluator(cfg: Config, vocab):
+    def evaluate(model, epoch: int, global_step: int) -> dict:
+        vectors = model.center.weight.detach().cpu().numpy()
+        return {"neighbours": probe_neighbours(vectors, vocab, cfg.eval.probes, cfg.eval.k)}
+
+    return evaluate
+
+
+def run_train(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
+              environ: Mapping[str, str]) -> int:
+    cfg = load_config(config_path, overrides)
+    run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
+    stop = StopRequest().install()
+    with distributed(cfg, environ) as env:
+        logger = RunLogger(run_path) if env.is_main else NullLogger()
+        trainer = Trainer(cfg, env, run_path, logger, stop=stop)
+        resume = effective_resume(resume, env, trainer.checkpointer)
+        prepare_run_dir(run_path, cfg, env, fresh=resume is None)
+        trainer.evaluate = make_evaluator(cfg, trainer.vocab)
+        logger.info(
+            f"dist-w2v: {len(trainer.vocab)} words, world size {env.world_size} "
+            f"({env.backend or 'single process'}), device {env.device}, run dir {run_path}"
+        )
+        trainer.resume(resume)
+        result = trainer.fit()
+        logger.close()
+        if result.stopped_early:
+            if stop.reason == "SIGUSR2" and env.is_main:
+                requeue_slurm_job(environ, say=logger.info)
+            return 0
+        logger.info(f"done: outputs in {run_path}")
+    return 0

@@ -1,0 +1,56 @@
+"""Shared fixtures: where PTB lives, small corpora, and how to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ptb_dir() -> Path:
+    """$DIST_W2V_DATA, else ../shared/data/ptb beside the repository (as CI lays it out)."""
+    env = os.environ.get("DIST_W2V_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "ptb"
+
+
+@pytest.fixture(scope="session")
+def ptb() -> Path:
+    path = ptb_dir()
+    if not (path / "ptb.train.txt").is_file():
+        pytest.fail(f"PTB not found in {path}; set DIST_W2V_DATA to the folder holding ptb.train.txt")
+    return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path, ptb: Path) -> Path:
+    """The first 2,000 PTB sentences as a standalone corpus file."""
+    lines = (ptb / "ptb.train.txt").read_text().splitlines()[:2000]
+    path = tmp_path / "small.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC", "SLURM_"))}
+    env.update({"DIST_W2V_DATA": str(ptb_dir()), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``dist-w2v ARGS`` in a fresh interpreter, exactly as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "dist_w2v.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=cli_env(env), cwd=cwd or REPO,
+    )
+
+
+SMOKE = ("train.epochs=1", "train.batch_size=64", "model.dim=16", "data.min_count=5",
+         "eval.every_epochs=0", "train.threads=1")

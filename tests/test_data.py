@@ -1,0 +1,190 @@
+"""Data semantics on PTB, as DESIGN.md states them (d2l 14.3)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dist_w2v.config import DataConfig
+from dist_w2v.corpus import UNK, build_vocab, load_corpus, read_sentences
+from dist_w2v.errors import UserError
+from dist_w2v.examples import ExampleBuilder
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ptb_data(ptb):
+    cfg = DataConfig(dir=str(ptb))
+    corpus, vocab = load_corpus(cfg)
+    return cfg, corpus, vocab, ExampleBuilder(corpus, vocab, cfg, CPU)
+
+
+def test_vocabulary_matches_d2l(ptb_data):
+    _, corpus, vocab, _ = ptb_data
+    assert len(vocab) == 6719
+    assert vocab.idx_to_token[0] == UNK and vocab[UNK] == 0
+    assert vocab.idx_to_token[1] == "the"
+    assert (np.diff(vocab.counts[1:]) <= 0).all()  # descending counts
+    assert vocab.counts[1:].min() >= 10
+    assert corpus.num_tokens == 820_056  # unknown tokens removed before anything else
+
+
+def test_vocab_ties_keep_first_occurrence_order():
+    sentences = [["b", "a", "c"], ["a", "b", "c"]]
+    vocab = build_vocab(sentences, min_count=2)
+    assert vocab.idx_to_token == [UNK, "b", "a", "c"]
+
+
+def test_epoch_sizes_match_design(ptb_data):
+    cfg, _, _, builder = ptb_data
+    ex = builder.build(seed=0, epoch=0)
+    assert 330_000 < len(ex) < 356_000  # about 343k centers
+    assert 1_450_000 < ex.num_pairs < 1_550_000  # about 1.5M center-context pairs
+    assert ex.width == 2 * cfg.max_window * (1 + cfg.num_negatives) == 60
+
+
+def test_contexts_lie_in_window_inside_sentence(ptb_data):
+    cfg, _, _, builder = ptb_data
+    g = builder.generator(0, 3)
+    tokens, sentence_ids = builder.subsample(g)
+    centers, contexts, num_contexts = builder.windows(tokens, sentence_ids, g)
+    tokens, sentence_ids = tokens.numpy(), sentence_ids.numpy()
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(tokens), size=3000, replace=False):
+        n = int(num_contexts[i])
+        got = contexts[i, :n].tolist()
+        assert all(c == 0 for c in contexts[i, n:].tolist())
+        same = np.flatnonzero(sentence_ids == sentence_ids[i])
+        # Some radius r in 1..max_window must reproduce exactly these contexts, in order.
+        windows = []
+        for r in range(1, cfg.max_window + 1):
+            positions = [j for j in same if abs(j - i) <= r and j != i]
+            windows.append(tokens[positions].tolist())
+        assert got in windows, (i, got)
+        assert centers[i] == tokens[i]
+
+
+def test_no_negative_equals_a_context_and_layout(ptb_data):
+    cfg, _, _, builder = ptb_data
+    ex = builder.build(seed=1, epoch=0)
+    k = cfg.num_negatives
+    n = ex.num_contexts
+    slots = torch.arange(ex.width)
+    cn = ex.contexts_negatives.long()
+    is_ctx = slots < n[:, None]
+    is_neg = (slots >= n[:, None]) & (slots < n[:, None] * (1 + k))
+    assert (cn[is_ctx] > 0).all() and (cn[is_neg] > 0).all()  # never <unk>
+    assert (cn[~(is_ctx | is_neg)] == 0).all()  # padding
+    contexts = torch.where(is_ctx, cn, -1)
+    clash = torch.zeros_like(is_neg)
+    for j in range(2 * cfg.max_window):
+        clash |= cn == contexts[:, j : j + 1]
+    assert not (clash & is_neg).any()
+    mask, label = ex.batch(torch.arange(4)).mask_and_label()
+    for row in range(4):
+        m = int(n[row])
+        assert mask[row].tolist() == [1.0] * (m * (1 + k)) + [0.0] * (ex.width - m * (1 + k))
+        assert label[row].tolist() == [1.0] * m + [0.0] * (ex.width - m)
+
+
+def test_negatives_follow_unigram_to_the_three_quarters(ptb_data):
+    _, _, vocab, builder = ptb_data
+    g = builder.generator(5, 5)
+    draws = builder.draw_noise(2_000_000, g)
+    expected = vocab.counts.astype(np.float64) ** 0.75
+    expected[0] = 0
+    expected /= expected.sum()
+    observed = np.bincount(draws.numpy(), minlength=len(vocab)) / len(draws)
+    assert observed[0] == 0
+    top = np.argsort(-expected)[:50]
+    sigma = np.sqrt(expected[top] * (1 - expected[top]) / len(draws))
+    assert (np.abs(observed[top] - expected[top]) < 5 * sigma).all()
+
+
+def test_subsampling_keep_rate_matches_formula(ptb_data):
+    cfg, corpus, vocab, builder = ptb_data
+    frequency = vocab.counts / vocab.counts[1:].sum()
+    kept = np.zeros(len(vocab))
+    rounds = 5
+    for epoch in range(rounds):
+        draw = torch.rand(builder.tokens.shape, generator=builder.generator(0, epoch),
+                          dtype=torch.float64)
+        keep = (draw < builder.keep_probability[builder.tokens.long()]).numpy()
+        kept += np.bincount(corpus.tokens[keep], minlength=len(vocab))
+    for word in ["the", "of", "stock", "chip", "japan"]:
+        i = vocab[word]
+        p = min(1.0, np.sqrt(cfg.subsample_t / frequency[i]))
+        trials = vocab.counts[i] * rounds
+        rate = kept[i] / trials
+        assert abs(rate - p) < 5 * np.sqrt(p * (1 - p) / trials) + 1e-9, word
+    # The total after subsampling is about 344k tokens, as DESIGN.md measured.
+    assert 335_000 < kept.sum() / rounds < 352_000
+
+
+def test_epochs_are_a_function_of_seed_and_epoch(ptb_data):
+    _, _, _, builder = ptb_data
+    a = builder.build(seed=0, epoch=2)
+    b = builder.build(seed=0, epoch=2)
+    c = builder.build(seed=0, epoch=3)
+    d = builder.build(seed=1, epoch=2)
+    assert torch.equal(a.contexts_negatives, b.contexts_negatives)
+    assert torch.equal(a.centers, b.centers)
+    assert len(a) != len(c) or not torch.equal(a.contexts_negatives, c.contexts_negatives)
+    assert len(a) != len(d) or not torch.equal(a.contexts_negatives, d.contexts_negatives)
+
+
+def test_max_sentences_trims(tmp_path, ptb):
+    sentences = read_sentences(ptb / "ptb.train.txt", max_sentences=100)
+    assert len(sentences) == 100
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [("", "empty"), ("\n\n  \n", "empty"), ("a b c\nd e f\n", "no word occurs at least")],
+)
+def test_bad_corpora(tmp_path, content, message):
+    path = tmp_path / "corpus.txt"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_corpus(DataConfig(corpus=str(path)))
+
+
+def test_missing_corpus(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_corpus(DataConfig(corpus=str(tmp_path / "nope.txt")))
+
+
+def test_offline_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
+    from dist_w2v import corpus
+
+    with pytest.raises(UserError, match="put ptb.train.txt"):
+        corpus.download_ptb(tmp_path / "cache", url="http://127.0.0.1:9/ptb.zip")
+
+
+def _zip_ptb(ptb, path, tamper=False):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+            data = (ptb / name).read_bytes()
+            archive.writestr(f"ptb/{name}", data + (b"x" if tamper else b""))
+
+
+def test_download_unpacks_and_verifies_sha1(tmp_path, ptb):
+    from dist_w2v import corpus
+
+    _zip_ptb(ptb, tmp_path / "ptb.zip")
+    corpus.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
+    for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+        assert (tmp_path / "cache" / name).read_bytes() == (ptb / name).read_bytes()
+
+
+def test_download_rejects_a_file_with_the_wrong_sha1(tmp_path, ptb):
+    from dist_w2v import corpus
+
+    _zip_ptb(ptb, tmp_path / "ptb.zip", tamper=True)
+    with pytest.raises(UserError, match="SHA-1"):
+        corpus.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
+    assert not (tmp_path / "cache" / "ptb.train.txt").exists()
