@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,13 @@ class CorruptCheckpoint(UserError):
 
 def checkpoint_name(global_step: int) -> str:
     return f"step-{global_step:09d}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    match = NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not named like a checkpoint")
+    return int(match.group(1))
 
 
 def encode_checkpoint(payload: dict[str, Any]) -> bytes:
@@ -61,7 +69,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CorruptCheckpoint(f"checkpoint {path} cannot be loaded ({exc.__class__.__name__})") from None
+        raise CorruptCheckpoint(
+            f"checkpoint {path} cannot be loaded ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(payload, dict) or "model" not in payload or "state" not in payload:
         raise CorruptCheckpoint(f"checkpoint {path} is not a dist-w2v checkpoint")
     return payload
@@ -99,7 +109,8 @@ class Found:
 class Checkpointer:
     """Owns the policy: when to save, file names, how many to keep, which one to resume."""
 
-    def __init__(self, directory: Path, cfg: CkptConfig, env: DistEnv, say=print):
+    def __init__(self, directory: Path, cfg: CkptConfig, env: DistEnv,
+                 say: Callable[[str], None] = print):
         self.directory = Path(directory)
         self.cfg = cfg
         self.env = env
@@ -112,8 +123,8 @@ class Checkpointer:
         """Checkpoint files, newest step first."""
         if not self.directory.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := NAME.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
+        found = [p for p in self.directory.iterdir() if NAME.match(p.name)]
+        return sorted(found, key=checkpoint_step, reverse=True)
 
     def save(self, payload: dict[str, Any], global_step: int) -> Path:
         """Rank 0 writes; every rank returns only once the file is in place (or raises)."""
@@ -123,26 +134,60 @@ class Checkpointer:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 write_atomically(path, encode_checkpoint(payload))
-                self._prune()
             except OSError as exc:
                 previous = next((p for p in self.checkpoints() if p != path), None)
                 kept = f"; {previous} is intact" if previous else ""
-                error = f"could not write checkpoint {path} ({exc.strerror or exc}){kept}"
+                error = (f"could not write checkpoint {path} ({exc.strerror or exc}){kept}; free "
+                         "disk space or make the run directory writable, then rerun with "
+                         "--resume auto")
+            else:
+                self._prune()
         if broadcast_flag(self.env, error is not None):
             raise UserError(error or "checkpoint write failed on rank 0; see its log")
         return path
 
     def _prune(self) -> None:
-        for old in self.checkpoints()[self.cfg.keep:]:
-            old.unlink(missing_ok=True)
+        """Drop all but the newest ``keep`` checkpoints, and temp files of interrupted saves."""
+        stale = list(self.directory.glob("step-*.pt.tmp"))
+        for old in self.checkpoints()[self.cfg.keep:] + stale:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as exc:
+                self.say(f"could not remove old checkpoint file {old} ({exc.strerror})")
+
+    def set_aside_newer(self, global_step: int) -> None:
+        """Rank 0, after a resume: rename checkpoints newer than the resumed one.
+
+        They belong to an abandoned future (an explicit ``--resume`` of an older file) or are
+        corrupt; left in place, a later restart's ``--resume auto`` would jump to them and
+        keep-N pruning would delete the new checkpoints first.
+        """
+        if not self.env.is_main:
+            return
+        for path in self.checkpoints():
+            if checkpoint_step(path) > global_step:
+                aside = path.with_name(path.name + ".superseded")
+                os.replace(path, aside)
+                self.say(f"set aside {path.name} (newer than the resumed checkpoint) "
+                         f"as {aside.name}")
 
     def load_latest_valid(self) -> Found | None:
-        """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
-        for path in self.checkpoints():
+        """The newest checkpoint that verifies; corrupt ones are reported and skipped.
+
+        None when there are no checkpoints; an error when there are some but none verifies,
+        since starting fresh then would silently throw the run away.
+        """
+        candidates = self.checkpoints()
+        for path in candidates:
             try:
                 return Found(path, read_checkpoint(path))
             except CorruptCheckpoint as exc:
-                self.say(f"skipping {exc}")
+                self.say(f"skipping {exc}; trying the previous checkpoint")
+        if candidates:
+            raise UserError(
+                f"no valid checkpoint in {self.directory} ({len(candidates)} found, none "
+                "readable); pass --resume FILE, or move them away to start fresh"
+            )
         return None
 
     def resolve(self, resume: str | None) -> Found | None:

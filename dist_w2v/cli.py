@@ -19,14 +19,48 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _add_similar(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("similar", help="nearest words by cosine from the center table")
+def _add_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-dir", help="a finished run directory")
     source.add_argument("--checkpoint", help="a checkpoint file instead of a run directory")
+
+
+def _add_similar(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("similar", help="nearest words by cosine from the center table")
+    _add_source(p)
     p.add_argument("words", nargs="+", metavar="WORD")
     p.add_argument("-k", type=int, default=3, help="neighbours per word (default 3)")
     p.set_defaults(func=cmd_similar)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from dist_w2v.config import EvalConfig
+
+    p = sub.add_parser("eval", help="WordSim353, SimLex-999 and Google analogies (needs gensim)")
+    _add_source(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--probes", default=",".join(EvalConfig().probes),
+                   help="comma-separated words whose neighbours are shown (default %(default)s)")
+    p.add_argument("-k", type=int, default=3, help="neighbours per probe word (default 3)")
+    p.set_defaults(func=cmd_eval)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from dist_w2v.export import FORMATS
+
+    p = sub.add_parser("export", help="word vectors for gensim and other tools (<unk> left out)")
+    _add_source(p)
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="file to write (npy also writes OUT.vocab.txt)")
+    p.set_defaults(func=cmd_export)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from dist_w2v.bench import add_bench_arguments
+
+    p = sub.add_parser("bench", help="our trainer against gensim Word2Vec: speed, memory, quality")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_similar(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -55,14 +92,48 @@ def cmd_similar(args: argparse.Namespace) -> int:
     for word in args.words:
         if emb.vocab[word] == 0:
             unknown.append(word)
+            hint = f"; try {word.lower()!r}" if emb.vocab[word.lower()] != 0 else ""
             print(f"dist-w2v: error: unknown word {word!r}: not in the vocabulary "
-                  f"({len(emb.vocab)} words)", file=sys.stderr)
+                  f"({len(emb.vocab)} words){hint}", file=sys.stderr)
             continue
         if len(args.words) > 1:
             print(f"{word}:")
         for neighbour, cos in nearest(emb.center, emb.vocab, word, args.k, unit):
             print(f"cosine sim={cos: .3f}: {neighbour}")
     return 2 if unknown else 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_w2v.artifacts import load_embeddings
+    from dist_w2v.evaluate import evaluation_report, format_report, json_safe, load_benchmarks
+
+    if args.k < 1:
+        raise UserError("-k must be >= 1")
+    benchmarks = load_benchmarks()
+    emb = load_embeddings(args.run_dir, args.checkpoint)
+    probes = [w for w in args.probes.split(",") if w]
+    report = evaluation_report(emb.center, emb.vocab, benchmarks, probes, args.k)
+    report = {"source": args.run_dir or args.checkpoint, **report}
+    print(json.dumps(json_safe(report)) if args.json else format_report(report))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_w2v.artifacts import load_embeddings
+    from dist_w2v.export import export_embeddings
+
+    emb = load_embeddings(args.run_dir, args.checkpoint)
+    for path in export_embeddings(emb, args.format, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dist_w2v.bench import run_bench
+
+    return run_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dist-w2v: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `dist-w2v eval | head`: the reader left early, which is no error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -71,10 +72,16 @@ def read_launch_env(environ: Mapping[str, str]) -> LaunchInfo:
             rank=int(environ["SLURM_PROCID"]),
             local_rank=int(environ.get("SLURM_LOCALID", "0")),
             world_size=int(environ["SLURM_NTASKS"]),
-            local_world_size=int(environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            local_world_size=tasks_on_first_node(environ.get("SLURM_NTASKS_PER_NODE", "1")),
             launcher="slurm",
         )
     return LaunchInfo(0, 0, 1, 1, "none")
+
+
+def tasks_on_first_node(tasks_per_node: str) -> int:
+    """SLURM writes tasks per node as "4", "4(x2)" or "4(x2),3"; the first count is ours to use."""
+    match = re.match(r"\d+", tasks_per_node)
+    return int(match.group()) if match else 1
 
 
 def choose_device(requested: str, local_rank: int) -> torch.device:
@@ -98,9 +105,16 @@ def choose_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: a SLURM or cgroup CPU set, not the whole machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_threads(requested: int, local_world_size: int) -> None:
     """One process per core share: oversubscribed ranks on a small CPU box run far slower."""
-    threads = requested or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    threads = requested or max(1, usable_cores() // max(1, local_world_size))
     torch.set_num_threads(threads)
 
 
@@ -130,7 +144,13 @@ def init_distributed(
         dist.init_process_group(backend, store=store, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
     else:
-        dist.init_process_group(backend, init_method="env://", rank=launch.rank,
+        # torchrun keeps one TCPStore across worker restarts (--max-restarts), and a restarted
+        # group would read the peer addresses the dead attempt left there and dial dead ports
+        # ("Connection refused"); a key prefix per attempt gives every attempt clean keys.
+        store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size,
+                                           timeout=timeout))
+        store = dist.PrefixStore(f"dist-w2v/attempt-{restarts}", store)
+        dist.init_process_group(backend, store=store, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, launch.local_world_size,
                    device, backend, restarts)

@@ -14,7 +14,8 @@ the tables keep sparse gradients and the optimizer sees exactly what allreduce w
 DDP does not divide by the world size when a hook is registered; the hooks do.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's
+# annotations with the real dist.GradBucket / Future[Tensor] objects and rejects strings.
 
 import torch
 import torch.distributed as dist
@@ -25,13 +26,15 @@ from dist_w2v.distributed import DistEnv
 from dist_w2v.errors import UserError
 
 
-def _done(result: torch.Tensor) -> torch.futures.Future:
-    future: torch.futures.Future = torch.futures.Future()
+def _done(result: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(result)
     return future
 
 
-def allgather_sparse_hook(group: dist.ProcessGroup | None, bucket: dist.GradBucket):
+def allgather_sparse_hook(
+    group: dist.ProcessGroup | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
     if not grad.is_sparse:  # a dense bucket (never for this model): plain averaged allreduce
         return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
@@ -58,13 +61,16 @@ def allgather_sparse(grad: torch.Tensor, group: dist.ProcessGroup | None = None)
     gathered_values = [torch.empty_like(padded_values) for _ in range(world_size)]
     dist.all_gather(gathered_rows, padded_rows, group=group)
     dist.all_gather(gathered_values, padded_values, group=group)
-    all_rows = torch.cat([r[:n] for r, n in zip(gathered_rows, sizes)])
-    all_values = torch.cat([v[:n] for v, n in zip(gathered_values, sizes)])
-    total = torch.sparse_coo_tensor(all_rows.unsqueeze(0), all_values, grad.shape)
+    all_rows = torch.cat([r[:n] for r, n in zip(gathered_rows, sizes, strict=True)])
+    all_values = torch.cat([v[:n] for v, n in zip(gathered_values, sizes, strict=True)])
+    total = torch.sparse_coo_tensor(all_rows.unsqueeze(0), all_values, grad.shape,
+                                    check_invariants=False)
     return total.coalesce() / world_size
 
 
-def dense_sparse_hook(group: dist.ProcessGroup | None, bucket: dist.GradBucket):
+def dense_sparse_hook(
+    group: dist.ProcessGroup | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
     if not grad.is_sparse:
         return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
@@ -84,7 +90,8 @@ def dense_exchange(grad: torch.Tensor, group: dist.ProcessGroup | None = None) -
     dist.all_reduce(buffer, group=group)
     touched = buffer[:, dim].nonzero().squeeze(1)
     values = buffer.index_select(0, touched)[:, :dim] / world_size
-    return torch.sparse_coo_tensor(touched.unsqueeze(0), values, grad.shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(touched.unsqueeze(0), values, grad.shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def resolve_exchange(requested: str, backend: str) -> str:

@@ -7,10 +7,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from dist_w2v.examples import mask_and_label
+from dist_w2v.fast_path import fast_skip_gram_loss
 
 
 def skip_gram(
-    center: torch.Tensor, contexts_and_negatives: torch.Tensor, embed_v: nn.Module, embed_u: nn.Module
+    center: torch.Tensor, contexts_and_negatives: torch.Tensor, embed_v: nn.Module,
+    embed_u: nn.Module,
 ) -> torch.Tensor:
     """The seed's forward: (B, 1) centers and (B, L) candidates give (B, 1, L) dot products."""
     v = embed_v(center)
@@ -25,10 +27,15 @@ def masked_bce(pred: torch.Tensor, label: torch.Tensor, mask: torch.Tensor) -> t
 
 
 class SkipGram(nn.Module):
-    """Center (v) and context (u) tables with sparse gradients; ``center`` is the word vector."""
+    """Center (v) and context (u) tables with sparse gradients; ``center`` is the word vector.
 
-    def __init__(self, vocab_size: int, dim: int):
+    ``path`` picks how a batch is computed: ``padded`` is the seed's bmm over all L slots (the
+    reference), ``fast`` the same per-example loss from the real pairs only (fast_path.py).
+    """
+
+    def __init__(self, vocab_size: int, dim: int, path: str = "padded"):
         super().__init__()
+        self.path = path
         self.center = nn.Embedding(vocab_size, dim, sparse=True)
         self.context = nn.Embedding(vocab_size, dim, sparse=True)
 
@@ -41,6 +48,9 @@ class SkipGram(nn.Module):
         num_negatives: int,
     ) -> torch.Tensor:
         """Per-example loss (B,) of a padded batch; the caller reduces it."""
+        if self.path == "fast":
+            return fast_skip_gram_loss(self.center.weight, self.context.weight, centers,
+                                       contexts_negatives, num_contexts, num_negatives)
         pred = skip_gram(centers.unsqueeze(1), contexts_negatives, self.center, self.context)
         mask, label = mask_and_label(num_contexts, contexts_negatives.shape[1], num_negatives)
         return masked_bce(pred.squeeze(1), label, mask)

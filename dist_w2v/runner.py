@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dist_w2v.checkpoint import Checkpointer
 from dist_w2v.config import Config, load_config
+from dist_w2v.corpus import Vocab
 from dist_w2v.distributed import DistEnv, barrier, distributed
 from dist_w2v.errors import UserError
-from dist_w2v.evaluate import probe_neighbours
-from dist_w2v.metrics import NullLogger, RunLogger
+from dist_w2v.evaluate import TrainingEvaluator
+from dist_w2v.metrics import make_logger, start_wandb
 from dist_w2v.preemption import StopRequest, requeue_slurm_job
 from dist_w2v.train import Trainer
 
@@ -20,8 +21,12 @@ def default_run_dir(config_path: str) -> Path:
 
 
 def effective_resume(resume: str | None, env: DistEnv, checkpointer: Checkpointer) -> str | None:
-    """Restarted workers resume by themselves; a fresh run never silently reuses a run dir."""
-    if resume is None and env.restart_count > 0:
+    """Restarted workers resume by themselves; a fresh run never silently reuses a run dir.
+
+    A restart continues from the newest checkpoint even when the first attempt was given
+    ``--resume FILE``: going back to FILE would throw away what the attempt saved since.
+    """
+    if env.restart_count > 0 and (resume is None or checkpointer.checkpoints()):
         return "auto"
     if resume is None and checkpointer.checkpoints():
         raise UserError(
@@ -41,31 +46,29 @@ def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, fresh: bool) -> No
             if fresh:
                 (run_dir / "metrics.jsonl").write_text("")
         except OSError as exc:
-            error = f"cannot write to run directory {run_dir} ({exc.strerror}); choose a writable --run-dir"
+            error = (f"cannot write to run directory {run_dir} ({exc.strerror}); "
+                     "choose a writable --run-dir")
     if error:
         raise UserError(error)
     barrier(env)
 
 
-def make_evaluator(cfg: Config, vocab):
-    def evaluate(model, epoch: int, global_step: int) -> dict:
-        vectors = model.center.weight.detach().cpu().numpy()
-        return {"neighbours": probe_neighbours(vectors, vocab, cfg.eval.probes, cfg.eval.k)}
-
-    return evaluate
+def make_evaluator(cfg: Config, vocab: Vocab, say: Callable[[str], None]) -> TrainingEvaluator:
+    """Rank 0's epoch-end evaluation (the trainer calls it on rank 0 only)."""
+    return TrainingEvaluator(vocab, cfg.eval.probes, cfg.eval.k, say)
 
 
 def run_train(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
               environ: Mapping[str, str]) -> int:
     cfg = load_config(config_path, overrides)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
-    stop = StopRequest().install()
-    with distributed(cfg, environ) as env:
-        logger = RunLogger(run_path) if env.is_main else NullLogger()
+    with StopRequest() as stop, distributed(cfg, environ) as env:
+        logger = make_logger(cfg, env, run_path)
         trainer = Trainer(cfg, env, run_path, logger, stop=stop)
         resume = effective_resume(resume, env, trainer.checkpointer)
         prepare_run_dir(run_path, cfg, env, fresh=resume is None)
-        trainer.evaluate = make_evaluator(cfg, trainer.vocab)
+        logger.use_wandb(start_wandb(cfg, env, run_path, resume is not None, environ))
+        trainer.evaluate = make_evaluator(cfg, trainer.vocab, logger.info)
         logger.info(
             f"dist-w2v: {len(trainer.vocab)} words, world size {env.world_size} "
             f"({env.backend or 'single process'}), device {env.device}, run dir {run_path}"

@@ -5,8 +5,10 @@ the world size: one seeded permutation of the epoch (``set_epoch`` reshuffles it
 global batches of ``batch_size`` examples, and rank r takes the r-th contiguous slice of each.
 Every rank therefore runs the same number of steps, the shards are disjoint and together
 complete, and W ranks see exactly the global batches that one process sees. The last, short
-global batch is split as evenly as possible; when it has fewer examples than ranks it is
-dropped (at most W-1 examples an epoch), since a rank cannot take an empty step.
+global batch is split as evenly as possible; when it has fewer examples than ranks, the ranks
+past its end take an empty slice. An empty slice still joins the gradient exchange (its local
+sparse gradient has no rows), so no example is dropped or repeated, unlike DistributedSampler's
+padding, and the result does not depend on the world size at all.
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ class ShardPlan:
     rank: int
 
     def __post_init__(self) -> None:
-        remainder = self.num_examples % self.batch_size
-        full = self.num_examples // self.batch_size
-        self.num_steps = full + (1 if remainder >= self.world_size else 0)
+        self.num_steps = -(-self.num_examples // self.batch_size)
 
     def __len__(self) -> int:
         return self.num_steps
@@ -69,7 +69,8 @@ class ShardPlan:
 class EpochSharder:
     """The DistributedSampler of this project: seeded, reshuffled per epoch via set_epoch."""
 
-    def __init__(self, seed: int, batch_size: int, world_size: int, rank: int, device: torch.device):
+    def __init__(self, seed: int, batch_size: int, world_size: int, rank: int,
+                 device: torch.device):
         per_rank_batch_size(batch_size, world_size)
         self.seed = seed
         self.batch_size = batch_size

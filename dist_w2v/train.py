@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ class TrainResult:
 
 
 def init_model(vocab_size: int, cfg: Config, device: torch.device) -> SkipGram:
-    model = SkipGram(vocab_size, cfg.model.dim)
+    model = SkipGram(vocab_size, cfg.model.dim, cfg.train.path)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     model.reset_parameters(generator)
     return model.to(device)
@@ -78,30 +79,44 @@ def checkpoint_payload(
     }
 
 
-def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer, vocab: Vocab,
-            cfg: Config) -> TrainState:
-    """Load a checkpoint into the model and optimizer after checking it fits this run."""
+# Settings that say which run a checkpoint continues: another value would silently train a
+# different run (other examples, batches or update rule), so resume refuses it. Everything else
+# (epochs, lr, logging, checkpoint policy, device, world size) may change on resume; the
+# sharding does not depend on the world size.
+RUN_DEFINING_KEYS = (
+    "data.max_sentences", "data.min_count", "data.subsample_t", "data.max_window",
+    "data.num_negatives", "data.resample_each_epoch", "model.dim", "train.batch_size",
+    "train.seed", "train.optimizer",
+)
+
+
+def check_compatible(found: Found, vocab: Vocab, cfg: Config) -> None:
+    """Refuse a checkpoint of another run, naming the setting that differs."""
     payload = found.payload
     saved_vocab = payload["vocab"]["idx_to_token"]
     if saved_vocab != vocab.idx_to_token:
         raise UserError(
             f"checkpoint {found.path} was trained on a different vocabulary ({len(saved_vocab)} "
-            f"words, this corpus gives {len(vocab)}); resume with the same data settings"
+            f"words, this corpus gives {len(vocab)}); resume with the same corpus and data settings"
         )
-    saved_dim = payload["model"]["center.weight"].shape[1]
-    if saved_dim != cfg.model.dim:
-        raise UserError(
-            f"checkpoint {found.path} has model.dim={saved_dim} but the config says "
-            f"{cfg.model.dim}; resume with model.dim={saved_dim}"
-        )
-    saved_optimizer = payload["config"]["train"]["optimizer"]
-    if saved_optimizer != cfg.train.optimizer:
-        raise UserError(
-            f"checkpoint {found.path} used train.optimizer={saved_optimizer}; resume with the same"
-        )
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return TrainState(**payload["state"])
+    saved, current = payload["config"], cfg.to_dict()
+    for key in RUN_DEFINING_KEYS:
+        section, name = key.split(".")
+        before, now = saved.get(section, {}).get(name), current[section][name]
+        if before != now:
+            raise UserError(
+                f"checkpoint {found.path} was saved with {key}={before} but the config says "
+                f"{now}; resume with {key}={before}, or start a new --run-dir"
+            )
+
+
+def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer, vocab: Vocab,
+            cfg: Config) -> TrainState:
+    """Load a checkpoint into the model and optimizer after checking it fits this run."""
+    check_compatible(found, vocab, cfg)
+    model.load_state_dict(found.payload["model"])
+    optimizer.load_state_dict(found.payload["optimizer"])
+    return TrainState(**found.payload["state"])
 
 
 class Trainer:
@@ -145,6 +160,8 @@ class Trainer:
         self.log.info(
             f"resumed from {found.path} at epoch {self.state.epoch + 1}, step {self.state.step}"
         )
+        barrier(self.env)  # every rank has read it before rank 0 renames newer files
+        self.checkpointer.set_aside_newer(self.state.global_step)
         self.log.rewrite_history(self.state.history)
 
     # -- the loop --------------------------------------------------------------------------
@@ -158,6 +175,8 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         ddp = wrap_model(self.model, self.env, self.cfg.dist.grad_exchange)
+        if self.cfg.train.compile:
+            ddp = torch.compile(ddp)
         stopped = False
         while self.state.epoch < self.cfg.train.epochs and not stopped:
             stopped = self.run_epoch(ddp)
@@ -190,11 +209,11 @@ class Trainer:
                 self.log_window(window_loss, window_examples, window_started, len(plan))
                 window_loss.zero_()
                 window_examples, window_started = 0, time.perf_counter()
-            if self.state.step % STOP_POLL_STEPS == 0 and broadcast_flag(self.env, self.stop.requested):
+            if self.stop_agreed():
                 self.fold_epoch_loss(loss_sum, started)
                 self.save_checkpoint()
                 self.log.info(f"stopped by {self.stop.reason} at step {self.state.global_step}; "
-                              "checkpoint saved")
+                              "checkpoint saved, continue with --resume auto")
                 return True
             if self.checkpointer.due(self.state.global_step) and self.state.step < len(plan):
                 self.fold_epoch_loss(loss_sum, started)
@@ -283,13 +302,19 @@ class Trainer:
                                          self.cfg, self.env.world_size)
         self.checkpointer.save(payload or {}, self.state.global_step)
 
+    def stop_agreed(self) -> bool:
+        """Every STOP_POLL_STEPS steps, whether any rank was asked to stop (all get the answer)."""
+        if self.state.step % STOP_POLL_STEPS != 0:
+            return False
+        return broadcast_flag(self.env, self.stop.requested)
+
     def maybe_fail(self) -> None:
         """Fault injection for the restart tests: die like a crashed worker, first attempt only."""
         debug = self.cfg.debug
         if (debug.fail_at_step == self.state.global_step and self.env.rank == debug.fail_rank
                 and self.env.restart_count == 0):
-            print(f"debug.fail_at_step: rank {self.env.rank} exits at step {self.state.global_step}",
-                  file=sys.stderr, flush=True)
+            print(f"debug.fail_at_step: rank {self.env.rank} exits at step "
+                  f"{self.state.global_step}", file=sys.stderr, flush=True)
             os._exit(17)
 
     def embeddings(self) -> Embeddings:

@@ -1,0 +1,147 @@
+"""Where one training step goes: sampling, slicing, forward, backward, coalesce, optimizer.
+
+Runs the padded reference and the fast path side by side on a real PTB epoch, interleaved
+(every round times each configuration once, in turn) so that a machine shared with other work
+slows them alike; reports the median over rounds of each phase's per-step median.
+
+    python benchmarks/step_profile.py --batch-sizes 512 4096 --optimizers sparse_adam sgd
+
+``coalesce`` is what SparseAdam would spend inside its step turning the gradients into unique
+rows (SGD adds an uncoalesced gradient directly, so it has none); ``sampling`` is the epoch
+build (subsampling, windows, negatives) divided by the epoch's steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dist_w2v.config import load_config
+from dist_w2v.corpus import load_corpus
+from dist_w2v.examples import EpochExamples, ExampleBuilder
+from dist_w2v.model import SkipGram
+from dist_w2v.optim import build_optimizer
+
+PHASES = ("sampling", "slice", "forward", "backward", "coalesce", "optimizer")
+DEFAULT_LR = {"sparse_adam": 0.002, "sgd": 0.025}
+
+
+@dataclass
+class Setup:
+    path: str
+    batch_size: int
+    optimizer_name: str
+    model: SkipGram
+    optimizer: torch.optim.Optimizer
+    next_batch: int = 0
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.path:6s} B={self.batch_size:<6d} {self.optimizer_name}"
+
+
+def make_setup(path: str, batch_size: int, optimizer_name: str, vocab_size: int, dim: int,
+               device: torch.device) -> Setup:
+    overrides = [f"train.optimizer={optimizer_name}", f"train.lr={DEFAULT_LR[optimizer_name]}"]
+    cfg = load_config(None, overrides)
+    model = SkipGram(vocab_size, dim, path)
+    model.reset_parameters(torch.Generator().manual_seed(0))
+    model.to(device)
+    return Setup(path, batch_size, optimizer_name, model, build_optimizer(cfg.train, model))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(setup: Setup, examples: EpochExamples, order: torch.Tensor, steps: int,
+               sampling_per_step: float, device: torch.device) -> dict[str, float]:
+    """Per-phase median milliseconds over ``steps`` consecutive steps of this setup."""
+    spent: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    num_batches = len(examples) // setup.batch_size
+    for _ in range(steps):
+        start = (setup.next_batch % num_batches) * setup.batch_size
+        setup.next_batch += 1
+        marks = [time.perf_counter()]
+        batch = examples.batch(order[start:start + setup.batch_size])
+        sync(device)
+        marks.append(time.perf_counter())
+        loss = setup.model(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                           batch.num_negatives).sum() / setup.batch_size
+        sync(device)
+        marks.append(time.perf_counter())
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        sync(device)
+        marks.append(time.perf_counter())
+        if setup.optimizer_name == "sparse_adam":
+            for p in setup.model.parameters():
+                p.grad = p.grad.coalesce()
+        sync(device)
+        marks.append(time.perf_counter())
+        setup.optimizer.step()
+        sync(device)
+        marks.append(time.perf_counter())
+        spent["sampling"].append(sampling_per_step)
+        for phase, (a, b) in zip(PHASES[1:], itertools.pairwise(marks), strict=True):
+            spent[phase].append((b - a) * 1e3)
+    return {phase: statistics.median(values) for phase, values in spent.items()}
+
+
+def report(setups: list[Setup]) -> str:
+    header = "| config | " + " | ".join(PHASES) + " | step ms | center words/s |"
+    lines = [header, "|" + "---|" * (len(PHASES) + 3)]
+    for s in setups:
+        phases = {p: statistics.median(r[p] for r in s.rounds) for p in PHASES}
+        total = sum(phases.values())
+        cells = " | ".join(f"{phases[p]:.2f}" for p in PHASES)
+        lines.append(f"| {s.label} | {cells} | {total:.2f} | {s.batch_size / total * 1e3:,.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--optimizers", nargs="+", default=["sparse_adam", "sgd"])
+    parser.add_argument("--paths", nargs="+", default=["padded", "fast"])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round and setup")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-sentences", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = load_config(None, [f"data.max_sentences={args.max_sentences}"])
+    corpus, vocab = load_corpus(cfg.data)
+    builder = ExampleBuilder(corpus, vocab, cfg.data, device)
+    builder.build(cfg.train.seed, 0)  # warm-up
+    sync(device)
+    started = time.perf_counter()
+    examples = builder.build(cfg.train.seed, 1)
+    sync(device)
+    build_ms = (time.perf_counter() - started) * 1e3
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).to(device)
+    setups = [make_setup(p, b, o, len(vocab), cfg.model.dim, device)
+              for b, o, p in itertools.product(args.batch_sizes, args.optimizers, args.paths)]
+    for setup in setups:  # warm-up: first-call allocations and lazy optimizer state
+        time_steps(setup, examples, order, 2, 0.0, device)
+    for _ in range(args.rounds):
+        for setup in setups:
+            per_step = build_ms * setup.batch_size / len(examples)
+            setup.rounds.append(time_steps(setup, examples, order, args.steps, per_step, device))
+    print(f"epoch build {build_ms:.0f} ms for {len(examples):,} centers; "
+          f"{args.threads} threads, device {device}, median of {args.rounds} interleaved rounds "
+          f"x {args.steps} steps (ms per step)")
+    print(report(setups))
+
+
+if __name__ == "__main__":
+    main()

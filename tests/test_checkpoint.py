@@ -1,0 +1,215 @@
+"""Checkpoint files: contents, naming and keep-N, bad files, mismatched runs, failed writes.
+
+One real one-epoch run (in this process, world size 1) makes the checkpoints; every test works
+on its own copy of that run directory.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, ptb_dir, run_cli
+from workers import TINY, run, train_command
+
+from dist_w2v.checkpoint import Checkpointer, CorruptCheckpoint, read_checkpoint
+from dist_w2v.cli import main
+from dist_w2v.config import CkptConfig
+from dist_w2v.distributed import DistEnv
+from dist_w2v.runner import effective_resume
+
+# 71 steps per epoch with a checkpoint every 20: saves at 20, 40, 60 and 71 (epoch end); keep 3.
+EVERY = "ckpt.every_steps=20"
+KEPT = ["step-000000071.pt", "step-000000060.pt", "step-000000040.pt"]
+
+
+def train(*argv: str) -> int:
+    """``dist-w2v train`` in this process (the real CLI path), restoring torch's thread count."""
+    threads = torch.get_num_threads()
+    try:
+        return main(["train", "--config", str(REPO / "configs" / "ptb.yaml"), *argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    lines = (ptb_dir() / "ptb.train.txt").read_text().splitlines()[:2000]
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    assert train("--run-dir", str(run_dir), f"data.corpus={corpus}", *TINY, EVERY) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+def resume_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), f"data.corpus={corpus}", *TINY, EVERY, *extra]
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dist-w2v: error: "), err
+    return lines[0]
+
+
+def test_checkpoint_holds_the_whole_run_state(trained):
+    checkpointer = Checkpointer(trained / "checkpoints", CkptConfig(every_steps=20, keep=3),
+                                DistEnv())
+    assert [p.name for p in checkpointer.checkpoints()] == KEPT  # newest first, keep 3
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == sorted(KEPT)
+
+    last = read_checkpoint(trained / "checkpoints" / KEPT[0])
+    assert {"model", "optimizer", "state", "vocab", "config"} <= set(last)
+    assert last["state"]["epoch"] == 1 and last["state"]["step"] == 0
+    assert last["state"]["global_step"] == 71
+    assert [r["epoch"] for r in last["state"]["history"] if r["kind"] == "epoch"] == [1]
+    np.testing.assert_array_equal(last["model"]["center.weight"].numpy(),
+                                  np.load(trained / "center.npy"))
+    assert all("exp_avg" in s for s in last["optimizer"]["state"].values())
+    assert len(last["vocab"]["idx_to_token"]) == last["model"]["center.weight"].shape[0]
+    assert last["config"]["model"]["dim"] == 16
+
+    middle = read_checkpoint(trained / "checkpoints" / KEPT[1])["state"]
+    assert (middle["epoch"], middle["step"], middle["global_step"]) == (0, 60, 60)
+
+
+def test_corrupt_and_truncated_files_are_named(run_copy):
+    path = run_copy / "checkpoints" / KEPT[0]
+    size = path.stat().st_size
+    damages = [
+        ("checksum mismatch", lambda: flip_byte(path)),
+        ("bad header", lambda: flip_byte(path, offset=0)),
+        ("checksum mismatch", lambda: truncate(path, size // 2)),
+        ("bad header", lambda: truncate(path, 20)),
+    ]
+    original = path.read_bytes()
+    for reason, damage in damages:
+        path.write_bytes(original)
+        damage()
+        with pytest.raises(CorruptCheckpoint) as excinfo:
+            read_checkpoint(path)
+        assert str(excinfo.value) == f"checkpoint {path} is corrupt or truncated ({reason})"
+
+
+def test_cli_reports_a_corrupt_checkpoint_in_one_line(run_copy, corpus):
+    path = run_copy / "checkpoints" / KEPT[0]
+    flip_byte(path)
+    result = run_cli("train", "--config", "configs/ptb.yaml",
+                     *resume_args(corpus, run_copy, "--resume", str(path)))
+    assert result.returncode == 2
+    assert one_error_line(result.stderr) == (
+        f"dist-w2v: error: checkpoint {path} is corrupt or truncated (checksum mismatch)")
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_similar_reports_a_truncated_checkpoint(run_copy, capsys):
+    path = run_copy / "checkpoints" / KEPT[0]
+    truncate(path, path.stat().st_size - 1)
+    assert main(["similar", "--checkpoint", str(path), "chip"]) == 2
+    assert str(path) in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.min_count=6", "was trained on a different vocabulary"),
+    ("model.dim=8", "was saved with model.dim=16 but the config says 8; resume with model.dim=16"),
+    ("train.seed=1", "was saved with train.seed=0 but the config says 1"),
+])
+def test_a_checkpoint_of_another_run_is_refused(run_copy, corpus, capsys, override, message):
+    assert train(*resume_args(corpus, run_copy, override), "--resume", "auto") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"checkpoint {run_copy / 'checkpoints' / KEPT[0]} {message}" in line
+
+
+def test_auto_skips_a_corrupt_newest_checkpoint_and_says_so(trained, run_copy, corpus, capsys):
+    newest, previous = (run_copy / "checkpoints" / name for name in KEPT[:2])
+    flip_byte(newest)
+    assert train(*resume_args(corpus, run_copy), "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {newest} is corrupt or truncated (checksum mismatch)" in out
+    assert f"resumed from {previous} at epoch 1, step 60" in out
+    # The bad file is set aside, the epoch is finished again, and exactly as the first time.
+    assert (newest.parent / f"{newest.name}.superseded").is_file()
+    read_checkpoint(newest)
+    np.testing.assert_array_equal(np.load(run_copy / "center.npy"), np.load(trained / "center.npy"))
+
+
+def test_auto_refuses_when_no_checkpoint_is_valid(run_copy, corpus, capsys):
+    for name in KEPT:
+        flip_byte(run_copy / "checkpoints" / name)
+    assert train(*resume_args(corpus, run_copy), "--resume", "auto") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"no valid checkpoint in {run_copy / 'checkpoints'} (3 found, none readable)" in line
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside(trained, run_copy, corpus, capsys):
+    """Else a later restart's --resume auto would jump back to the abandoned newer ones."""
+    older = run_copy / "checkpoints" / KEPT[2]
+    assert train(*resume_args(corpus, run_copy), "--resume", str(older)) == 0
+    assert f"resumed from {older} at epoch 1, step 40" in capsys.readouterr().out
+    names = sorted(p.name for p in older.parent.iterdir())
+    assert names == sorted([*KEPT, f"{KEPT[0]}.superseded", f"{KEPT[1]}.superseded"])
+    np.testing.assert_array_equal(np.load(run_copy / "center.npy"), np.load(trained / "center.npy"))
+
+
+def test_a_write_that_fails_halfway_keeps_the_previous_checkpoint(run_copy, corpus, tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse the checkpoint's write part-way, as a full disk does."""
+    checkpoints = run_copy / "checkpoints"
+    limit = (checkpoints / KEPT[0]).stat().st_size // 2
+
+    def small_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    command = train_command(0, *resume_args(corpus, run_copy, "train.epochs=2"), "--resume",
+                            "auto")
+    code, out = run(command, tmp_path / "log", preexec_fn=small_file_limit)
+    assert code == 2, out
+    assert "Traceback" not in out
+    failed, kept = checkpoints / "step-000000080.pt", checkpoints / KEPT[0]
+    assert (f"dist-w2v: error: could not write checkpoint {failed} (File too large); "
+            f"{kept} is intact") in out
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before  # no temp file left
+    assert read_checkpoint(kept)["state"]["global_step"] == 71
+
+
+def test_a_fresh_run_refuses_a_run_dir_that_holds_checkpoints(run_copy, corpus, capsys):
+    assert train(*resume_args(corpus, run_copy)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{run_copy / 'checkpoints'} already holds checkpoints; pass --resume auto" in line
+
+
+def test_restarted_workers_resume_from_the_newest_checkpoint(run_copy, tmp_path):
+    checkpointer = Checkpointer(run_copy / "checkpoints", CkptConfig(), DistEnv())
+    empty = Checkpointer(tmp_path / "none", CkptConfig(), DistEnv())
+    first, restarted = DistEnv(restart_count=0), DistEnv(restart_count=1)
+    assert effective_resume(None, restarted, checkpointer) == "auto"
+    assert effective_resume(None, restarted, empty) == "auto"  # died before its first save
+    # The first attempt's --resume FILE is history once the attempt has saved checkpoints.
+    assert effective_resume("older.pt", restarted, checkpointer) == "auto"
+    assert effective_resume("older.pt", restarted, empty) == "older.pt"
+    assert effective_resume("older.pt", first, checkpointer) == "older.pt"

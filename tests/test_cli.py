@@ -1,0 +1,97 @@
+"""The CLI end to end in fresh interpreters, and its handling of user mistakes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import SMOKE, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli("train", "--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
+                     "data.max_sentences=3000", *SMOKE, "train.epochs=2")
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+def test_train_writes_metrics_outputs_and_config(trained_run):
+    run_dir, result = trained_run
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    for record in epochs:
+        assert {"epoch", "loss", "loss_cumulative", "center_words_per_s", "seconds"} <= set(record)
+    assert epochs[1]["loss"] < epochs[0]["loss"]  # training lowers the loss
+    assert epochs[1]["loss_cumulative"] == pytest.approx(
+        (epochs[0]["loss"] * epochs[0]["center_words"] + epochs[1]["loss"] * epochs[1]["center_words"])
+        / (epochs[0]["center_words"] + epochs[1]["center_words"]))
+    assert "epoch 2: loss" in result.stdout and "running mean" in result.stdout
+    vocab = json.loads((run_dir / "vocab.json").read_text())["idx_to_token"]
+    center = np.load(run_dir / "center.npy")
+    assert center.shape == (len(vocab), 16)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["data"]["max_sentences"] == 3000
+
+
+def test_similar_prints_neighbours(trained_run):
+    run_dir, _ = trained_run
+    result = run_cli("similar", "--run-dir", str(run_dir), "stock", "-k", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("cosine sim=") for line in lines)
+    assert not any(line.endswith(": stock") for line in lines)
+
+
+def _assert_one_line_error(result, fragment):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dist-w2v: error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_unknown_word(trained_run):
+    run_dir, _ = trained_run
+    _assert_one_line_error(run_cli("similar", "--run-dir", str(run_dir), "qwertyuiop"),
+                           "unknown word 'qwertyuiop'")
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["data.corpus=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt not found"),
+        (["train.bogus=1"], "unknown key 'train.bogus'"),
+        (["train.lr=-1"], "train.lr must be > 0"),
+        (["data.max_window=0"], "data.max_window must be >= 1"),
+    ],
+)
+def test_train_user_mistakes(tmp_path, overrides, fragment):
+    result = run_cli("train", "--config", "configs/ptb.yaml", "--run-dir", str(tmp_path / "r"),
+                     *overrides)
+    _assert_one_line_error(result, fragment)
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [("", "is empty"), ("the cat sat\non the mat\n", "no word occurs at least 10 times")],
+)
+def test_train_bad_corpus(tmp_path, content, fragment):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(content)
+    result = run_cli("train", "--config", "configs/ptb.yaml", "--run-dir", str(tmp_path / "r"),
+                     f"data.corpus={corpus}")
+    _assert_one_line_error(result, fragment)
+
+
+def test_missing_config_file(tmp_path):
+    _assert_one_line_error(run_cli("train", "--config", str(tmp_path / "none.yaml")), "not found")
+
+
+def test_similar_on_a_directory_without_a_run(tmp_path):
+    _assert_one_line_error(run_cli("similar", "--run-dir", str(tmp_path), "stock"),
+                           "holds no trained embeddings")

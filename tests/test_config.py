@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dist_w2v.config import config_from_dict, load_config
+from dist_w2v.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ptb_config_holds_the_seed_hyperparameters():
+    cfg = load_config(REPO / "configs" / "ptb.yaml")
+    assert cfg.train.batch_size == 512
+    assert cfg.data.max_window == 5 and cfg.data.num_negatives == 5
+    assert cfg.model.dim == 100
+    assert cfg.train.lr == 0.002 and cfg.train.epochs == 5
+    assert cfg.data.min_count == 10
+
+
+def test_overrides_are_typed_and_win_over_the_file():
+    cfg = load_config(REPO / "configs" / "ptb.yaml",
+                      ["train.epochs=1", "train.lr=0.01", "data.resample_each_epoch=false",
+                       "eval.probes=chip,stock", "data.dir=/x"])
+    assert cfg.train.epochs == 1 and cfg.train.lr == 0.01
+    assert cfg.data.resample_each_epoch is False
+    assert cfg.eval.probes == ["chip", "stock"]
+    assert cfg.data.dir == "/x"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.nope=1", "unknown key 'train.nope'; train accepts epochs"),
+        ("nope.lr=1", "unknown key 'nope.lr'"),
+        ("train.lr=-0.1", "train.lr must be > 0"),
+        ("data.max_window=0", "data.max_window must be >= 1"),
+        ("train.epochs=two", "train.epochs must be an integer"),
+        ("train.optimizer=adamw", "train.optimizer must be one of adam, sparse_adam, sgd"),
+        ("dist.grad_exchange=magic", "must be one of auto, allreduce, allgather, dense"),
+        ("train.lr", "must look like section.field=value"),
+    ],
+)
+def test_bad_overrides_name_the_key_and_the_choices(override, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(UserError, match="unknown key 'train.epoch'"):
+        load_config(path)
+
+
+def test_missing_and_invalid_config_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(REPO / "configs" / "ptb.yaml", ["train.seed=7"])
+    cfg.save(tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg

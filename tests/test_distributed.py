@@ -1,0 +1,260 @@
+"""Distributed training on gloo: world size 1 in this process, two spawned ranks against one
+process, the gradient exchanges against each other, and torchrun end to end."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import REPO, SMOKE, cli_env
+
+from dist_w2v.config import PATHS, Config, load_config
+from dist_w2v.distributed import DistEnv, distributed, read_launch_env
+from dist_w2v.errors import UserError
+from dist_w2v.grad_exchange import resolve_exchange, wrap_model
+from dist_w2v.train import Trainer
+
+EXCHANGES = ("allreduce", "allgather", "dense")
+PARAMS = ("center.weight", "context.weight")
+
+
+def tiny_config(ptb: Path, *extra: str) -> Config:
+    """300 PTB sentences: about 1,040 examples an epoch, 9 global batches of 128 with a short
+    last one (15 examples, split 8 + 7 over two ranks). Two epochs, with logging and a mid-epoch
+    checkpoint, so every collective of the loop runs."""
+    return load_config(None, [
+        f"data.dir={ptb}", "data.max_sentences=300", "data.min_count=2", "model.dim=8",
+        "train.epochs=2", "train.batch_size=128", "train.threads=1", "eval.every_epochs=0",
+        "log.every_steps=4", "ckpt.every_steps=5", *extra,
+    ])
+
+
+def final_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    trainer.fit()
+    return {k: v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """init_distributed sets this process's intra-op threads; give the next test its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_process(ptb, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The reference: one plain process (no process group) over the same global batches."""
+    run_dir = tmp_path_factory.mktemp("single")
+    return final_parameters(Trainer(tiny_config(ptb), DistEnv(), run_dir))
+
+
+# -- world size 1, in this process ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_world_size_one_gloo_group_trains_like_a_plain_process(ptb, tmp_path, single_process,
+                                                               exchange):
+    cfg = tiny_config(ptb, f"dist.grad_exchange={exchange}")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    with distributed(cfg, {}, store=store) as env:
+        assert (env.distributed, env.backend, env.world_size, env.rank) == (True, "gloo", 1, 0)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        params = final_parameters(Trainer(cfg, env, tmp_path / "run"))
+    assert not dist.is_initialized()
+    for name in PARAMS:
+        torch.testing.assert_close(params[name], single_process[name], rtol=0, atol=1e-6)
+
+
+def test_process_group_is_torn_down_when_training_raises(ptb, tmp_path):
+    cfg = tiny_config(ptb)
+    with pytest.raises(RuntimeError, match="boom"):
+        with distributed(cfg, {}, store=dist.FileStore(str(tmp_path / "store"), 1)):
+            raise RuntimeError("boom")
+    assert not dist.is_initialized()
+
+
+def test_launch_environment_decides_rank_and_world_size():
+    torchrun = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                "LOCAL_WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert (torchrun.rank, torchrun.local_rank, torchrun.world_size, torchrun.local_world_size,
+            torchrun.launcher) == (3, 1, 8, 4, "torchrun")
+    srun = read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2",
+                            "SLURM_NTASKS_PER_NODE": "3(x2)", "MASTER_ADDR": "n1",
+                            "MASTER_PORT": "29500"})
+    assert (srun.rank, srun.local_rank, srun.world_size, srun.local_world_size,
+            srun.launcher) == (5, 2, 6, 3, "slurm")
+    assert read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).launcher == "none"
+    assert read_launch_env({}).world_size == 1
+    with pytest.raises(UserError, match="MASTER_ADDR/MASTER_PORT"):
+        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+def test_auto_exchange_is_allgather_on_nccl_and_nccl_refuses_allreduce():
+    assert resolve_exchange("auto", "nccl") == "allgather"
+    assert resolve_exchange("auto", "gloo") == "allreduce"
+    with pytest.raises(UserError, match="NCCL has no sparse allreduce"):
+        resolve_exchange("allreduce", "nccl")
+
+
+# -- two spawned ranks ---------------------------------------------------------------------------
+
+
+def exchanged_gradients(trainer: Trainer, env: DistEnv) -> dict[str, dict[str, torch.Tensor]]:
+    """Each exchange's gradient of this rank's slice, plus the local gradient before exchange.
+
+    Two batches: this rank's part of global batch 0, and a 5-example batch that only rank 0 has
+    (rank 1's slice is empty, as at the end of an epoch whose last batch has fewer examples than
+    ranks). Every model path (train.path) is checked. Also checks that the exchanged gradient
+    stays sparse.
+    """
+    examples = trainer.epoch_examples(0)
+    trainer.sharder.set_epoch(0)
+    plan = trainer.sharder.plan(len(examples))
+    first_five = torch.arange(5) if env.rank == 0 else torch.arange(0)
+    batches = {"even": examples.batch(plan.indices(0)),
+               "one_rank_empty": examples.batch(first_five)}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (case, batch), path, exchange in itertools.product(batches.items(), PATHS,
+                                                           ("local", *EXCHANGES)):
+        model = copy.deepcopy(trainer.model)
+        model.path = path
+        module = model if exchange == "local" else wrap_model(model, env, exchange)
+        loss = module(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                      batch.num_negatives).sum()
+        loss.backward()
+        for name, param in model.named_parameters():
+            assert param.grad.is_sparse, f"{exchange} made {name}'s gradient dense"
+            out.setdefault(f"{case}/{path}/{exchange}", {})[name] = param.grad.to_dense()
+    return out
+
+
+def two_rank_worker(rank: int, ptb: str, workdir: str) -> None:
+    """One of two ranks: train once per exchange, record gradients and the batch-size error."""
+    workdir_path = Path(workdir)
+    environ = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": "2"}
+    store = dist.FileStore(str(workdir_path / "store"), 2)
+    results: dict[str, object] = {}
+    with distributed(tiny_config(Path(ptb)), environ, store=store) as env:
+        for exchange in EXCHANGES:
+            cfg = tiny_config(Path(ptb), f"dist.grad_exchange={exchange}")
+            trainer = Trainer(cfg, env, workdir_path / exchange)
+            results[f"params/{exchange}"] = final_parameters(trainer)
+        results["grads"] = exchanged_gradients(trainer, env)
+        try:
+            Trainer(tiny_config(Path(ptb), "train.batch_size=129"), env, workdir_path / "odd")
+        except UserError as exc:
+            results["batch_size_error"] = str(exc)
+    torch.save(results, workdir_path / f"rank{rank}.pt")
+
+
+def spawn(fn, args: tuple, nprocs: int, timeout: float) -> None:
+    """torch.multiprocessing.spawn with a deadline; no child outlives the call."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, f"spawned ranks still running after {timeout} s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ptb, tmp_path_factory) -> list[dict]:
+    workdir = tmp_path_factory.mktemp("two_ranks")
+    spawn(two_rank_worker, (str(ptb), str(workdir)), nprocs=2, timeout=240)
+    return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_two_ranks_hold_identical_parameters(two_ranks, exchange):
+    rank0, rank1 = (r[f"params/{exchange}"] for r in two_ranks)
+    for name in PARAMS:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+def test_two_ranks_equal_one_process_over_the_same_global_batches(two_ranks, single_process,
+                                                                  exchange):
+    params = two_ranks[0][f"params/{exchange}"]
+    for name in PARAMS:
+        assert not torch.equal(params[name], torch.zeros_like(params[name]))
+        torch.testing.assert_close(params[name], single_process[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["even", "one_rank_empty"])
+@pytest.mark.parametrize("exchange", ["allgather", "dense"])
+def test_hooks_give_the_builtin_sparse_allreduce_gradient(two_ranks, case, path, exchange):
+    grads = [r["grads"] for r in two_ranks]
+    for name in PARAMS:
+        local = [g[f"{case}/{path}/local"][name] for g in grads]
+        local_mean = (local[0] + local[1]) / 2
+        builtin = grads[0][f"{case}/{path}/allreduce"][name]
+        hooked = grads[0][f"{case}/{path}/{exchange}"][name]
+        assert torch.equal(hooked, grads[1][f"{case}/{path}/{exchange}"][name])
+        torch.testing.assert_close(builtin, local_mean, rtol=0, atol=1e-7)
+        # Bit for bit: on two ranks a/2 + b/2 and (a + b)/2 round the same way.
+        assert torch.equal(hooked, builtin)
+        assert hooked.abs().sum() > 0
+
+
+def test_global_batch_that_does_not_divide_by_world_size_is_refused(two_ranks):
+    for rank in two_ranks:
+        assert rank["batch_size_error"] == (
+            "train.batch_size=129 is the global batch and must divide by the world size 2; "
+            "pick a multiple of 2")
+
+
+# -- torchrun end to end -------------------------------------------------------------------------
+
+
+def run_torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m dist_w2v.cli train ARGS``; on a timeout,
+    SIGTERM lets torchrun stop its workers before the test fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "dist_w2v.cli", "train", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=cli_env())
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path, small_corpus):
+    run_dir = tmp_path / "run"
+    result = run_torchrun(["--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
+                           f"data.corpus={small_corpus}", *SMOKE], timeout=180)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len([line for line in lines if "world size 2 (gloo)" in line]) == 1, result.stdout
+    assert len([line for line in lines if re.match(r"epoch 1\b.*: loss", line)]) == 1
+    assert len([line for line in lines if line.startswith("done: outputs in")]) == 1
+    assert "error" not in result.stderr.lower()
+    assert [p.name for p in run_dir.glob("*metrics*")] == ["metrics.jsonl"]
+    epochs = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"kind": "epoch"' in line]
+    assert len(epochs) == 1
+    for output in ("center", "context", "vocab"):
+        assert len(list(run_dir.glob(f"{output}*"))) == 1
+    assert not [p for p in run_dir.rglob("*") if re.search(r"rank[_-]?1", p.name)]
+    os.stat(run_dir / "config.yaml")

@@ -1,0 +1,101 @@
+"""`dist-w2v export` read back by gensim, and `dist-w2v similar` on the same trained run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SMOKE, run_cli
+
+from dist_w2v.cli import main
+
+# Known words, an unknown one, a capitalised known one, <unk> (not a word), then more known ones.
+WORDS = ["stock", "qwertyzz", "Market", "<unk>", "market", "company", "million"]
+KNOWN = ["stock", "market", "company", "million"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ptb) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli("train", "--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
+                     "data.max_sentences=2000", *SMOKE, "train.batch_size=128")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def vocab_words(run_dir: Path) -> list[str]:
+    return json.loads((run_dir / "vocab.json").read_text())["idx_to_token"]
+
+
+def parse_similar(stdout: str) -> dict[str, list[tuple[str, float]]]:
+    """`similar` output for several words: a ``word:`` header, then ``cosine sim=X: w`` lines."""
+    answers: dict[str, list[tuple[str, float]]] = {}
+    for line in stdout.splitlines():
+        if line.endswith(":") and not line.startswith("cosine"):
+            current = answers.setdefault(line[:-1], [])
+        else:
+            score, word = line.removeprefix("cosine sim=").split(": ")
+            current.append((word, float(score)))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def similar_result(trained) -> subprocess.CompletedProcess:
+    return run_cli("similar", "--run-dir", str(trained), *WORDS, "-k", "5")
+
+
+@pytest.fixture(scope="module")
+def similar_answers(similar_result) -> dict[str, list[tuple[str, float]]]:
+    return parse_similar(similar_result.stdout)
+
+
+@pytest.mark.parametrize("fmt, binary", [("word2vec-text", False), ("word2vec-binary", True)])
+def test_word2vec_export_loads_in_gensim(trained, similar_answers, tmp_path, capsys, fmt, binary):
+    models = pytest.importorskip("gensim.models")
+    out = tmp_path / "vectors"
+    assert main(["export", "--run-dir", str(trained), "--format", fmt, "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    kv = models.KeyedVectors.load_word2vec_format(str(out), binary=binary)
+    words = vocab_words(trained)
+    assert kv.index_to_key == words[1:]  # every trained word, in vocabulary order, no <unk>
+    assert "<unk>" not in kv.key_to_index
+    center = np.load(trained / "center.npy")
+    np.testing.assert_array_equal(kv.vectors, center[1:])  # bit for bit, text format included
+    for word, expected in similar_answers.items():
+        got = kv.most_similar(word, topn=5)
+        assert [w for w, _ in got] == [w for w, _ in expected], word
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=6e-4)
+
+
+def test_npy_export_from_a_checkpoint(trained, tmp_path, capsys):
+    checkpoint = sorted((trained / "checkpoints").glob("*.pt"))[-1]
+    out = tmp_path / "vectors.npy"
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "npy",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == ["wrote", str(out), "wrote",
+                                               str(tmp_path / "vectors.vocab.txt")]
+    # The checkpoint written at the end of training holds the final tables.
+    np.testing.assert_array_equal(np.load(out), np.load(trained / "center.npy")[1:])
+    assert (tmp_path / "vectors.vocab.txt").read_text().split("\n")[:-1] == vocab_words(trained)[1:]
+
+
+def test_export_into_a_missing_folder_is_a_user_error(trained, tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "folder" / "v.txt"
+    assert main(["export", "--run-dir", str(trained), "--format", "word2vec-text",
+                 "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"dist-w2v: error: cannot write {out}: folder {out.parent} does not exist; "
+        "create it first"]
+
+
+def test_similar_answers_known_words_and_names_each_unknown_one(similar_result, similar_answers):
+    assert similar_result.returncode == 2
+    assert list(similar_answers) == KNOWN and all(len(a) == 5 for a in similar_answers.values())
+    assert not any(w == word for word, found in similar_answers.items() for w, _ in found)
+    errors = similar_result.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("dist-w2v: error: unknown word ") for e in errors)
+    assert "'qwertyzz'" in errors[0] and "'<unk>'" in errors[2]
+    assert errors[1].endswith("try 'market'")  # the vocabulary is lower-case

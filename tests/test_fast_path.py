@@ -1,0 +1,187 @@
+"""The fast path against the padded reference: same per-example loss, same gradients, on batches
+of a real PTB epoch; its gradients stay sparse and come out coalesced, also through DDP.
+
+Tolerances (float32, PTB, D=100): per-example losses agree to 1e-6 (the two paths sum the
+same terms in another order); gradients to 1e-7 absolute with a 1e-4 relative slack, against
+entries of up to about 1e-3 (the batch mean spreads the loss over hundreds of examples).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_w2v.config import load_config
+from dist_w2v.corpus import load_corpus
+from dist_w2v.distributed import DistEnv, distributed
+from dist_w2v.errors import UserError
+from dist_w2v.examples import Batch, ExampleBuilder
+from dist_w2v.fast_path import KERNELS, fast_skip_gram_loss, unique_rows
+from dist_w2v.grad_exchange import wrap_model
+from dist_w2v.model import SkipGram
+from dist_w2v.optim import build_optimizer
+from dist_w2v.train import Trainer
+
+LOSS_TOL = {"rtol": 0.0, "atol": 1e-6}
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-7}
+PARAMS = ("center.weight", "context.weight")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, as init_distributed sets it for a rank (and restored after): two
+    threads on a busy two-core box run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ptb_epoch(ptb):
+    """Epoch 0 of full PTB with the seed's settings, and the vocabulary size."""
+    cfg = load_config(None, [f"data.dir={ptb}"])
+    corpus, vocab = load_corpus(cfg.data)
+    return ExampleBuilder(corpus, vocab, cfg.data, torch.device("cpu")).build(0, 0), len(vocab)
+
+
+def ptb_batch(ptb_epoch, size: int, seed: int = 0) -> Batch:
+    examples, _ = ptb_epoch
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return examples.batch(order[:size])
+
+
+def model_pair(vocab_size: int) -> tuple[SkipGram, SkipGram]:
+    padded = SkipGram(vocab_size, 100, "padded")
+    padded.reset_parameters(torch.Generator().manual_seed(0))
+    fast = copy.deepcopy(padded)
+    fast.path = "fast"
+    return padded, fast
+
+
+def loss_and_grads(model: torch.nn.Module, batch: Batch, weights: torch.Tensor):
+    """Per-example loss, then the gradients of sum(weights * loss) as the trainer scales it."""
+    per_example = model(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                        batch.num_negatives)
+    (per_example * weights).sum().backward()
+    inner = model.module if hasattr(model, "module") else model
+    return per_example.detach(), {n: p.grad for n, p in inner.named_parameters()}
+
+
+def assert_same_step(padded_out, fast_out) -> None:
+    (padded_loss, padded_grads), (fast_loss, fast_grads) = padded_out, fast_out
+    torch.testing.assert_close(fast_loss, padded_loss, **LOSS_TOL)
+    for name in PARAMS:
+        assert fast_grads[name].is_sparse, f"{name}: the fast path's gradient must stay sparse"
+        torch.testing.assert_close(fast_grads[name].to_dense(), padded_grads[name].to_dense(),
+                                   **GRAD_TOL)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("size", [512, 4096])
+def test_fast_equals_padded_on_a_ptb_batch(ptb_epoch, kernel, size):
+    batch = ptb_batch(ptb_epoch, size)
+    # Unequal per-example weights, as the trainer's W / global batch scaling and more.
+    weights = torch.rand(size, generator=torch.Generator().manual_seed(1)) / size
+    padded, fast = model_pair(ptb_epoch[1])
+    reference = loss_and_grads(padded, batch, weights)
+    per_example = fast_skip_gram_loss(fast.center.weight, fast.context.weight, batch.centers,
+                                      batch.contexts_negatives, batch.num_contexts,
+                                      batch.num_negatives, kernel)
+    (per_example * weights).sum().backward()
+    grads = {n: p.grad for n, p in fast.named_parameters()}
+    assert_same_step(reference, (per_example.detach(), grads))
+
+
+def test_fast_gradients_come_out_coalesced(ptb_epoch):
+    """Unique, sorted rows, flagged coalesced: exactly the rows the batch touches."""
+    batch = ptb_batch(ptb_epoch, 512)
+    _, fast = model_pair(ptb_epoch[1])
+    loss = fast(batch.centers, batch.contexts_negatives, batch.num_contexts, batch.num_negatives)
+    center_grad, context_grad = torch.autograd.grad(loss.mean(), list(fast.parameters()))
+    pairs = torch.arange(batch.contexts_negatives.shape[1]) < (
+        batch.num_contexts * (1 + batch.num_negatives)).unsqueeze(1)
+    touched = {"center": batch.centers.long().unique(),
+               "context": batch.contexts_negatives[pairs].long().unique()}
+    for grad, rows in ((center_grad, touched["center"]), (context_grad, touched["context"])):
+        assert grad.is_sparse and grad.is_coalesced()
+        assert torch.equal(grad.indices()[0], rows)  # sorted and unique, as torch.unique gives
+
+
+def test_unique_rows_agrees_with_torch_unique_both_ways():
+    ids = torch.tensor([5, 3, 5, 9, 0, 3])
+    for table_rows in (10, 1000):  # flag-vector branch, then the sort branch
+        rows, position = unique_rows(ids, table_rows)
+        expected_rows, expected_position = torch.unique(ids, return_inverse=True)
+        assert torch.equal(rows, expected_rows) and torch.equal(position, expected_position)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_tiny_and_empty_batches(ptb_epoch, size):
+    """A rank can get an empty slice at the end of an epoch; a batch of one has one center."""
+    batch = ptb_batch(ptb_epoch, size)
+    padded, fast = model_pair(ptb_epoch[1])
+    weights = torch.ones(size)
+    assert_same_step(loss_and_grads(padded, batch, weights), loss_and_grads(fast, batch, weights))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam", "sgd"])
+def test_one_optimizer_step_moves_the_same_rows_the_same_way(ptb_epoch, optimizer):
+    batch = ptb_batch(ptb_epoch, 512, seed=2)
+    cfg = load_config(None, [f"train.optimizer={optimizer}", "train.lr=0.01"])
+    params = []
+    for model in model_pair(ptb_epoch[1]):
+        opt = build_optimizer(cfg.train, model)
+        for _ in range(2):  # the second step sees non-zero optimizer state
+            opt.zero_grad(set_to_none=True)
+            model(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                  batch.num_negatives).mean().backward()
+            opt.step()
+        params.append(dict(model.named_parameters()))
+    padded, fast = params
+    for name in PARAMS:
+        torch.testing.assert_close(fast[name], padded[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("exchange", ["allreduce", "allgather", "dense"])
+def test_fast_equals_padded_under_one_process_gloo_ddp(ptb_epoch, tmp_path, exchange):
+    """DDP sees sparse gradients from the fast path and exchanges them with every hook."""
+    batch = ptb_batch(ptb_epoch, 512, seed=3)
+    weights = torch.rand(512, generator=torch.Generator().manual_seed(4)) / 512
+    cfg = load_config(None, ["train.threads=1"])
+    with distributed(cfg, {}, store=dist.FileStore(str(tmp_path / "store"), 1)) as env:
+        padded, fast = model_pair(ptb_epoch[1])
+        outputs = [loss_and_grads(wrap_model(m, env, exchange), batch, weights)
+                   for m in (padded, fast)]
+    assert_same_step(*outputs)
+
+
+def test_a_ptb_epoch_trains_the_same_on_both_paths(ptb, small_corpus, tmp_path):
+    """The real trainer, one epoch of 2,000 PTB sentences: same loss, same tables."""
+    results = {}
+    for path in ("padded", "fast"):
+        cfg = load_config(None, [f"data.corpus={small_corpus}", "data.min_count=5",
+                                 "model.dim=32", "train.epochs=1", "train.lr=0.02",
+                                 "train.threads=1", "eval.every_epochs=0", f"train.path={path}"])
+        trainer = Trainer(cfg, DistEnv(), tmp_path / path)
+        trainer.fit()
+        epoch = [h for h in trainer.state.history if h["kind"] == "epoch"][0]
+        results[path] = (epoch["loss"], trainer.model.center.weight.detach().clone())
+    assert results["padded"][0] < 0.66  # it trained: an untrained model scores log 2 = 0.693
+    assert results["fast"][0] == pytest.approx(results["padded"][0], abs=1e-5)
+    torch.testing.assert_close(results["fast"][1], results["padded"][1], rtol=0, atol=1e-4)
+
+
+def test_fast_is_the_default_and_compile_is_refused_with_it():
+    assert load_config(None, []).train.path == "fast"
+    with pytest.raises(UserError, match="train.compile .*train.path=padded"):
+        load_config(None, ["train.compile=true"])
+    assert load_config(None, ["train.compile=true", "train.path=padded"]).train.compile
+
+
+def test_unknown_path_names_the_choices():
+    with pytest.raises(UserError, match="train.path must be one of fast, padded"):
+        load_config(None, ["train.path=bmm"])

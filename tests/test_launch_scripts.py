@@ -1,0 +1,236 @@
+"""launch/train.sh and slurm/train.sbatch, run with recording stubs of srun, scontrol, torchrun
+and nvidia-smi on PATH; and the sbatch line run for real (stub srun executes it) under SIGUSR2."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SMOKE, cli_env
+
+BASH = shutil.which("bash") or "/bin/bash"
+LAUNCH = REPO / "launch" / "train.sh"
+SBATCH = REPO / "slurm" / "train.sbatch"
+
+# Each stub appends its argv as one JSON line to $STUB_LOG. scontrol prints $STUB_HOSTS for
+# `show hostnames`; nvidia-smi lists $STUB_GPUS GPUs (each with a MIG line, which must not
+# count), or fails like a machine without a driver when STUB_GPUS is unset.
+STUB = """#!{python}
+import json, os, sys
+name = os.path.basename(sys.argv[0])
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps([name, *sys.argv[1:]]) + "\\n")
+if name == "scontrol" and sys.argv[1:3] == ["show", "hostnames"]:
+    print(os.environ["STUB_HOSTS"].replace(",", "\\n"))
+if name == "nvidia-smi":
+    if "STUB_GPUS" not in os.environ:
+        sys.exit("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver")
+    for i in range(int(os.environ["STUB_GPUS"])):
+        print(f"GPU {{i}}: NVIDIA H100 80GB HBM3 (UUID: GPU-{{i}})")
+        print(f"  MIG 1g.10gb     Device  0: (UUID: MIG-{{i}})")
+if name == "srun" and os.environ.get("STUB_SRUN_EXEC"):
+    # Run the task command here, as the one task of a one-node step: drop srun's own options.
+    command = sys.argv[1:]
+    while command[0].startswith("--"):
+        command.pop(0)
+    os.execvp(command[0], command)
+"""
+
+
+def make_stubs(stub_dir: Path, names: tuple[str, ...]) -> Path:
+    stub_dir.mkdir()
+    for name in names:
+        path = stub_dir / name
+        path.write_text(STUB.format(python=sys.executable))
+        path.chmod(0o755)
+    return stub_dir
+
+
+@pytest.fixture
+def stubs(tmp_path: Path) -> Path:
+    return make_stubs(tmp_path / "bin", ("srun", "scontrol", "torchrun", "nvidia-smi"))
+
+
+def run_script(script: Path, args: list[str], stub_dir: Path, **env: str) -> list[list[str]]:
+    """Run a launch script with only the stubs on PATH; return the commands it ran."""
+    log = stub_dir.parent / "calls.jsonl"
+    log.unlink(missing_ok=True)
+    result = subprocess.run([BASH, str(script), *args], capture_output=True, text=True,
+                            timeout=30, cwd=REPO,
+                            env={"PATH": str(stub_dir), "STUB_LOG": str(log), **env})
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+TRAIN_ARGS = ["--config", "configs/ptb.yaml", "--run-dir", "runs/my run", "train.epochs=2"]
+
+
+def torchrun_line(nproc: int) -> list[str]:
+    return ["torchrun", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "dist_w2v.cli", "train", *TRAIN_ARGS]
+
+
+@pytest.mark.parametrize(
+    ("env", "nproc"),
+    [
+        ({}, 2),  # no driver: a CPU box, 2 processes
+        ({"STUB_GPUS": "4"}, 4),  # every GPU the driver lists
+        ({"STUB_GPUS": "4", "CUDA_VISIBLE_DEVICES": "1,3"}, 2),  # only the visible ones
+        ({"STUB_GPUS": "4", "CUDA_VISIBLE_DEVICES": ""}, 2),  # none visible: CPU
+        ({"STUB_GPUS": "8", "NPROC": "3"}, 3),  # the knob wins
+    ],
+)
+def test_launch_script_runs_torchrun_with_one_process_per_visible_gpu(stubs, env, nproc):
+    calls = run_script(LAUNCH, TRAIN_ARGS, stubs, **env)
+    assert calls[-1] == torchrun_line(nproc)
+    assert [c[0] for c in calls[:-1]] in ([], ["nvidia-smi"])
+
+
+def sbatch_directives() -> list[str]:
+    return re.findall(r"^#SBATCH\s+(\S+)", SBATCH.read_text(), flags=re.M)
+
+
+def test_sbatch_header_asks_for_warning_signal_requeue_and_per_job_logs():
+    directives = sbatch_directives()
+    for wanted in ("--signal=USR2@120", "--requeue", "--open-mode=append", "--output=%x-%j.out",
+                   "--ntasks-per-node=1"):
+        assert wanted in directives
+    node_counts = [d for d in directives if d.startswith(("--nodes", "-N"))]
+    assert not node_counts, "the node count is the user's choice at submission"
+    assert "RANDOM" not in SBATCH.read_text()
+
+
+def srun_line(nodes: int, nproc: int, head: str, job_id: str) -> list[str]:
+    return [
+        "srun", f"--nodes={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "bash", "-c", 'trap "" USR2; exec "$@"', "torchrun-ignoring-usr2",
+        "torchrun", f"--nnodes={nodes}", f"--nproc_per_node={nproc}", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={head}:29500", f"--rdzv_id={job_id}", "--max-restarts=3",
+        "-m", "dist_w2v.cli", "train", "--resume", "auto", *TRAIN_ARGS,
+    ]
+
+
+def test_sbatch_one_node_takes_gpu_count_from_the_driver(stubs):
+    calls = run_script(SBATCH, TRAIN_ARGS, stubs, SLURM_JOB_ID="777", SLURM_NNODES="1",
+                       SLURM_JOB_NODELIST="gpu01", STUB_HOSTS="gpu01", STUB_GPUS="8")
+    assert calls == [
+        ["nvidia-smi", "-L"],
+        ["scontrol", "show", "hostnames", "gpu01"],
+        srun_line(nodes=1, nproc=8, head="gpu01", job_id="777"),
+    ]
+
+
+def test_sbatch_two_nodes_rendezvous_at_the_first_host(stubs):
+    calls = run_script(SBATCH, TRAIN_ARGS, stubs, SLURM_JOB_ID="4242", SLURM_NNODES="2",
+                       SLURM_JOB_NODELIST="node[07-08]", STUB_HOSTS="node07,node08",
+                       SLURM_GPUS_ON_NODE="4")
+    assert calls == [
+        ["scontrol", "show", "hostnames", "node[07-08]"],
+        srun_line(nodes=2, nproc=4, head="node07", job_id="4242"),
+    ]
+
+
+def test_sbatch_outside_slurm_names_the_problem(stubs):
+    result = subprocess.run([BASH, str(SBATCH)], capture_output=True, text=True, timeout=30,
+                            env={"PATH": str(stubs), "STUB_LOG": os.devnull})
+    assert result.returncode != 0
+    assert "SLURM_JOB_ID: submit this script with sbatch" in result.stderr
+
+
+# -- the sbatch line for real: SIGUSR2 checkpoints, requeues, and torchrun survives ---------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, start time): the start time tells a pid from a later reuse of it."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry.name)] = (int(fields[1]), fields[19])
+    return table
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live process below ``pid`` (workers too: they sit in sessions of their own)."""
+    table = process_table()
+    found, todo = {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, started) in table.items():
+            if ppid == parent:
+                found[child] = started
+                todo.append(child)
+    return found
+
+
+def kill_if_same(processes: dict[int, str]) -> None:
+    table = process_table()
+    for pid, started in processes.items():
+        if pid in table and table[pid][1] == started:
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the job ended before it was signalled"
+        assert time.monotonic() < deadline, "timed out waiting for the job"
+        time.sleep(0.1)
+
+
+def test_sbatch_line_checkpoints_and_requeues_on_usr2(tmp_path, small_corpus):
+    stubs = make_stubs(tmp_path / "bin", ("srun", "scontrol"))  # the real torchrun
+    run_dir = tmp_path / "run"
+    log = tmp_path / "calls.jsonl"
+    out = tmp_path / "job.out"
+    env = cli_env({
+        "PATH": f"{stubs}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "STUB_LOG": str(log), "STUB_HOSTS": "localhost", "STUB_SRUN_EXEC": "1",
+        "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "localhost",
+        "NPROC_PER_NODE": "2", "RDZV_PORT": str(free_port()), "MAX_RESTARTS": "0",
+    })
+    args = ["--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
+            f"data.corpus={small_corpus}", *SMOKE, "train.epochs=100", "log.every_steps=5"]
+    seen: dict[int, str] = {}
+    with open(out, "w") as stdout:
+        job = subprocess.Popen([BASH, str(SBATCH), *args], stdout=stdout,
+                               stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    try:
+        wait_for(lambda: re.search(r"step \d+/", out.read_text()), 120, job)
+        # What SLURM does at --signal time: USR2 to every process of the step, not the batch shell.
+        seen = descendants(job.pid)
+        for pid in seen:
+            os.kill(pid, signal.SIGUSR2)
+        returncode = job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            seen.update(descendants(job.pid))
+            job.kill()
+        job.wait()
+        kill_if_same(seen)  # workers orphaned by a torchrun that died
+    text = out.read_text()
+    assert returncode == 0, text  # torchrun lived through USR2 and its workers exited cleanly
+    assert "stopped by SIGUSR2" in text
+    assert "requeued SLURM job 4242" in text
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert ["scontrol", "requeue", "4242"] in calls
+    assert list((run_dir / "checkpoints").glob("step-*.pt"))
+    assert not (run_dir / "center.npy").exists()  # stopped, not finished

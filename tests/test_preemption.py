@@ -1,0 +1,110 @@
+"""SLURM's pre-timeout SIGUSR2 and a plain SIGTERM, sent to real running jobs.
+
+Signal delivery assumed here, and by slurm/ (coordinate any change there): SLURM's
+``--signal=USR2@T`` reaches every process of the job step, and the launch line makes torchrun
+ignore SIGUSR2 (its default action would kill it and orphan the workers), e.g. ``trap '' USR2``
+before ``exec torchrun``. The test does the same: torchrun starts in its own session with
+SIGUSR2 ignored (the workers inherit that and install their own handler), and the signal goes
+to every process of the launch, torchrun included (workers.signal_all).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from workers import (
+    TINY,
+    alive,
+    launched,
+    metrics,
+    signal_all,
+    train_command,
+    wait_for_step_line,
+)
+
+from dist_w2v.checkpoint import read_checkpoint
+from dist_w2v.cli import main
+
+JOB_ID = "4242"
+# Long enough that no run finishes before the signal lands; the runs are stopped, not finished.
+MANY_EPOCHS = "train.epochs=50"
+
+
+@pytest.fixture
+def slurm(tmp_path) -> tuple[dict[str, str], Path]:
+    """A stub ``scontrol`` first on PATH that records its arguments, and SLURM_JOB_ID."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    stub = bin_dir / "scontrol"
+    stub.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    stub.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": JOB_ID}
+    return env, calls
+
+
+def ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def stop_line_step(out: str, reason: str) -> int:
+    """The global step of ``stopped by REASON at step N; checkpoint saved ...``."""
+    line = next(line for line in out.splitlines() if line.startswith(f"stopped by {reason}"))
+    return int(line.split(" at step ")[1].split(";")[0])
+
+
+def test_usr2_checkpoints_requeues_and_the_next_run_resumes(small_corpus, tmp_path, slurm):
+    env, calls = slurm
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    command = train_command(2, "--run-dir", str(run_dir), f"data.corpus={small_corpus}", *TINY,
+                            MANY_EPOCHS, "log.every_steps=5")
+    with launched(command, log, env, preexec_fn=ignore_usr2) as proc:
+        wait_for_step_line(run_dir, proc)
+        signal_all(proc, signal.SIGUSR2)
+        code = proc.wait(timeout=120)
+        out = log.read_text()
+        assert code == 0, out  # torchrun exits 0 only when both workers did
+        assert alive(proc) == [], "a worker outlived torchrun"
+
+    step = stop_line_step(out, "SIGUSR2")
+    checkpoint = run_dir / "checkpoints" / f"step-{step:09d}.pt"
+    state = read_checkpoint(checkpoint)["state"]
+    assert state["global_step"] == step and state["epoch"] < 49
+    assert calls.read_text() == f"requeue {JOB_ID}\n"
+    assert f"requeued SLURM job {JOB_ID}" in out
+    assert not (run_dir / "center.npy").exists()  # stopped, not finished
+
+    # The requeued job: the same command with --resume auto (one process here, which the
+    # world-size-independent sharding allows), finishing the interrupted epoch.
+    threads = torch.get_num_threads()
+    try:
+        code = main(["train", "--config", str(REPO / "configs" / "ptb.yaml"), "--run-dir",
+                     str(run_dir), f"data.corpus={small_corpus}", *TINY,
+                     f"train.epochs={state['epoch'] + 1}", "--resume", "auto"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert (run_dir / "center.npy").is_file()
+    epochs = [r["epoch"] for r in metrics(run_dir) if r["kind"] == "epoch"]
+    assert epochs == list(range(1, state["epoch"] + 2))
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_without_requeue(small_corpus, tmp_path, slurm):
+    env, calls = slurm
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    command = train_command(0, "--run-dir", str(run_dir), f"data.corpus={small_corpus}", *TINY,
+                            MANY_EPOCHS, "log.every_steps=5")
+    with launched(command, log, env) as proc:
+        wait_for_step_line(run_dir, proc)
+        signal_all(proc, signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        out = log.read_text()
+    assert code == 0, out
+    step = stop_line_step(out, "SIGTERM")
+    assert read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}.pt")["state"][
+        "global_step"] == step
+    assert not calls.exists()  # SIGTERM (scancel, time limit) saves but does not requeue
