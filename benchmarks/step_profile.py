@@ -28,7 +28,7 @@ from dist_w2v.model import SkipGram
 from dist_w2v.optim import build_optimizer
 
 PHASES = ("sampling", "slice", "forward", "backward", "coalesce", "optimizer")
-DEFAULT_LR = {"sparse_adam": 0.002, "sgd": 0.025}
+DEFAULT_LR = {"adam": 0.002, "sparse_adam": 0.002, "sgd": 0.025}
 
 
 @dataclass

@@ -44,10 +44,15 @@ def load_run(run_dir: Path) -> Embeddings:
         center = np.load(run_dir / CENTER_FILE)
         context = np.load(run_dir / CONTEXT_FILE)
     except (OSError, ValueError):
-        raise UserError(f"embeddings in {run_dir} are corrupt; retrain or use a checkpoint") from None
+        raise UserError(
+            f"embeddings in {run_dir} are corrupt; retrain or use a checkpoint"
+        ) from None
     vocab = Vocab.load(run_dir / VOCAB_FILE)
     if center.shape[0] != len(vocab):
-        raise UserError(f"{run_dir}: {CENTER_FILE} has {center.shape[0]} rows, vocabulary {len(vocab)}")
+        raise UserError(
+            f"{run_dir}: {CENTER_FILE} has {center.shape[0]} rows but the vocabulary "
+            f"{len(vocab)}; the run directory is inconsistent, retrain or use a checkpoint"
+        )
     return Embeddings(center, context, vocab)
 
 

@@ -71,6 +71,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config for our trainer (default: the seed's settings)")
     p.add_argument("--world-size", type=int, default=1,
                    help="our ranks; >1 launches torchrun --standalone (gloo on CPU)")
+    p.add_argument("--torchrun", action="store_true",
+                   help="launch through torchrun even for one rank (process group, DDP, exchange)")
     p.add_argument("--batch-size", type=int, help="global batch (train.batch_size)")
     p.add_argument("--optimizer", help="train.optimizer: adam, sparse_adam or sgd")
     p.add_argument("--lr", type=float, help="train.lr")
@@ -110,14 +112,15 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, trainer_overrides(args))
     # Ours evaluates at the end only, or after every epoch for time to quality.
     cfg.eval.every_epochs = 1 if args.ttq is not None else cfg.train.epochs
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dist-w2v-bench-"))
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="dist-w2v-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     config_file = work / "config.yaml"
     cfg.save(config_file)
     machine = describe_machine()
     print(f"dist-w2v bench: {machine['line']}; work dir {work}", flush=True)
-    results = [run_child("ours", {"config": str(config_file), "run_dir": str(work / "ours"),
-                                  "world_size": args.world_size}, work)]
+    results = [run_child("ours", {"config": str(config_file), "run_dir": str(fresh_dir(work)),
+                                  "world_size": args.world_size,
+                                  "torchrun": args.torchrun}, work)]
     if not args.skip_gensim:
         results.append(run_child("gensim", {"config": str(config_file),
                                             "workers": args.gensim_workers,
@@ -128,6 +131,12 @@ def run_bench(args: argparse.Namespace) -> int:
         Path(args.out).write_text(table + "\n")
         print(f"wrote {args.out}")
     return 0 if all(r.ok for r in results if r.system == "dist-w2v") else 1
+
+
+def fresh_dir(work: Path) -> Path:
+    """work/ours, or ours-2, ...: a new run directory, so a reused --work-dir never resumes."""
+    candidates = (work / ("ours" if i == 1 else f"ours-{i}") for i in range(1, 10_000))
+    return next(path for path in candidates if not path.exists())
 
 
 def run_child(kind: str, payload: dict[str, Any], work: Path) -> SystemResult:
@@ -214,7 +223,11 @@ def wordsim353_scorer():
     if benchmarks is None:
         return None
     bench = next(b for b in benchmarks.similarity if b.name == "wordsim353")
-    return lambda vectors, vocab: score_similarity(normalize_rows(vectors), vocab, bench)["spearman"]
+
+    def score(vectors, vocab) -> float:
+        return score_similarity(normalize_rows(vectors), vocab, bench)["spearman"]
+
+    return score
 
 
 def ours_worker(payload: dict[str, Any]) -> SystemResult:
@@ -228,7 +241,8 @@ def ours_worker(payload: dict[str, Any]) -> SystemResult:
     cfg = load_config(payload["config"])
     run_dir = Path(payload["run_dir"])
     world_size = payload["world_size"]
-    if world_size == 1:
+    launched = world_size > 1 or payload["torchrun"]
+    if not launched:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the result line
             run_train(payload["config"], [], str(run_dir), None, dict(os.environ))
     else:
@@ -249,15 +263,17 @@ def ours_worker(payload: dict[str, Any]) -> SystemResult:
         score = record.get("benchmarks", {}).get("wordsim353", {}).get("spearman")
         if score is not None:
             curve.append((record["epoch"], seconds_after[record["epoch"]], score))
-    device = cfg.train.device
-    gpu_peak = None
-    if world_size == 1 and torch.cuda.is_available() and device in ("auto", "cuda"):
-        gpu_peak = torch.cuda.max_memory_allocated() / 2**20
     t = cfg.train
+    uses_cuda = torch.cuda.is_available() and t.device in ("auto", "cuda")
+    # The ranks' GPU memory is theirs; in-process, this process's allocator saw it all.
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if uses_cuda and not launched else None
+    backend = cfg.dist.backend if cfg.dist.backend != "auto" else ("nccl" if uses_cuda else "gloo")
+    exchange = f"{backend} {cfg.dist.grad_exchange}" if launched else "no DDP"
     return SystemResult(
         system="dist-w2v",
-        setup=(f"{t.path} {t.optimizer} lr={t.lr:g} B={t.batch_size} W={world_size} "
-               f"{'cuda' if gpu_peak is not None else 'cpu'} {cfg.dist.grad_exchange}"),
+        setup=(f"{t.path}{' compiled' if t.compile else ''} {t.optimizer} lr={t.lr:g} "
+               f"B={t.batch_size} W={world_size} "
+               f"{'cuda' if uses_cuda else 'cpu'} {exchange}"),
         epochs=len(epochs),
         words=sum(r["center_words"] for r in epochs),
         train_seconds=total,

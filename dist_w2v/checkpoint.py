@@ -167,9 +167,13 @@ class Checkpointer:
         for path in self.checkpoints():
             if checkpoint_step(path) > global_step:
                 aside = path.with_name(path.name + ".superseded")
-                os.replace(path, aside)
-                self.say(f"set aside {path.name} (newer than the resumed checkpoint) "
-                         f"as {aside.name}")
+                try:
+                    os.replace(path, aside)
+                except OSError as exc:  # the next save reports an unwritable directory
+                    self.say(f"could not set aside {path} ({exc.strerror})")
+                else:
+                    self.say(f"set aside {path.name} (newer than the resumed checkpoint) "
+                             f"as {aside.name}")
 
     def load_latest_valid(self) -> Found | None:
         """The newest checkpoint that verifies; corrupt ones are reported and skipped.

@@ -136,8 +136,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Like parse_args, but ``key=value`` overrides may also follow options (``--resume auto``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return args.func(args)
     except UserError as exc:

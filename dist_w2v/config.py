@@ -32,7 +32,7 @@ class DataConfig:
     dir: str | None = None
     """Folder holding ptb.train.txt; else $DIST_W2V_DATA, else a per-user cache (downloaded)."""
     corpus: str | None = None
-    """Any other whitespace-tokenized, one-sentence-per-line text file to train on instead of PTB."""
+    """Any other whitespace-tokenized, one-sentence-per-line text file to train on, not PTB."""
     max_sentences: int = 0
     """Use only the first N sentences (0 = all); for smoke runs."""
     min_count: int = 10
@@ -77,7 +77,7 @@ class TrainConfig:
     lr: float = 0.002
     """Learning rate (SparseAdam), or the starting rate of SGD's linear decay to lr_min."""
     lr_min: float = 0.0001
-    """SGD only: the rate the linear decay reaches at the last step (word2vec decays to 0.0001*lr)."""
+    """SGD only: the rate the linear decay reaches at the last step (word2vec: 0.0001*lr)."""
     optimizer: str = "adam"
     """adam (the seed's: dense moments), sparse_adam (lazy: touched rows only, for huge
     vocabularies) or sgd (word2vec's linear decay)."""
@@ -262,7 +262,9 @@ def _flatten_yaml(raw: Any, source: str) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UserError(f"config: {source} must hold a mapping of sections (data, model, train, ...)")
+        raise UserError(
+            f"config: {source} must hold a mapping of sections (data, model, train, ...)"
+        )
     flat: dict[str, Any] = {}
     for section, body in raw.items():
         if not isinstance(body, dict):
@@ -284,7 +286,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
     """Build the resolved config: dataclass defaults < YAML file < ``key=value`` overrides."""
     flat: dict[str, Any] = {}
     if path is not None:

@@ -80,7 +80,9 @@ def corpus_path(cfg: DataConfig, split: str = "train") -> Path:
     if cfg.corpus and split == "train":
         path = Path(cfg.corpus).expanduser()
         if not path.is_file():
-            raise UserError(f"corpus file {path} not found; fix data.corpus or leave it unset for PTB")
+            raise UserError(
+                f"corpus file {path} not found; fix data.corpus or leave it unset for PTB"
+            )
         return path
     data_dir = resolve_data_dir(cfg)
     path = data_dir / f"ptb.{split}.txt"
@@ -130,7 +132,9 @@ class Vocab:
         """The index of a known word; a one-line error for an unknown one."""
         idx = self.token_to_idx.get(token, 0)
         if idx == 0:
-            raise UserError(f"unknown word {token!r}: it is not in the vocabulary ({len(self)} words)")
+            raise UserError(
+                f"unknown word {token!r}: it is not in the vocabulary ({len(self)} words)"
+            )
         return idx
 
     def save(self, path: Path) -> None:
@@ -139,7 +143,7 @@ class Vocab:
         )
 
     @classmethod
-    def load(cls, path: Path) -> "Vocab":
+    def load(cls, path: Path) -> Vocab:
         try:
             raw = json.loads(path.read_text())
             return cls(raw["idx_to_token"], np.asarray(raw["counts"], dtype=np.int64))

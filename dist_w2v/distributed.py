@@ -31,7 +31,8 @@ class DistEnv:
     backend: str | None = None
     """None for a plain single process (no process group, no DDP)."""
     restart_count: int = 0
-    """How often torchrun has restarted the workers (TORCHELASTIC_RESTART_COUNT)."""
+    """Restarts of this run so far: torchrun's (TORCHELASTIC_RESTART_COUNT) plus SLURM requeues
+    (SLURM_RESTART_COUNT). A restarted run resumes from its newest checkpoint by itself."""
 
     @property
     def is_main(self) -> bool:
@@ -133,7 +134,8 @@ def init_distributed(
                             launch.local_world_size, "store")
     set_threads(cfg.train.threads, launch.local_world_size)
     device = choose_device(cfg.train.device, launch.local_rank)
-    restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")) + int(
+        environ.get("SLURM_RESTART_COUNT", "0"))
     if launch.launcher == "none":
         return DistEnv(device=device, restart_count=restarts)
     backend = choose_backend(cfg.dist.backend, device)

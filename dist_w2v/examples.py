@@ -45,7 +45,7 @@ class EpochExamples:
     def num_pairs(self) -> int:
         return int(self.num_contexts.sum())
 
-    def batch(self, index: torch.Tensor) -> "Batch":
+    def batch(self, index: torch.Tensor) -> Batch:
         n = self.num_contexts.index_select(0, index)
         return Batch(
             centers=self.centers.index_select(0, index),
@@ -66,7 +66,8 @@ class Batch:
         return int(self.centers.shape[0])
 
     def mask_and_label(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return mask_and_label(self.num_contexts, self.contexts_negatives.shape[1], self.num_negatives)
+        width = self.contexts_negatives.shape[1]
+        return mask_and_label(self.num_contexts, width, self.num_negatives)
 
 
 def mask_and_label(

@@ -22,7 +22,8 @@ def ptb_dir() -> Path:
 def ptb() -> Path:
     path = ptb_dir()
     if not (path / "ptb.train.txt").is_file():
-        pytest.fail(f"PTB not found in {path}; set DIST_W2V_DATA to the folder holding ptb.train.txt")
+        pytest.fail(f"PTB not found in {path}; "
+                    "set DIST_W2V_DATA to the folder holding ptb.train.txt")
     return path
 
 
@@ -35,9 +36,18 @@ def small_corpus(tmp_path: Path, ptb: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_small_corpus(tmp_path_factory: pytest.TempPathFactory, ptb: Path) -> Path:
+    """small_corpus written once per session, for module-scoped fixtures (reference runs)."""
+    lines = (ptb / "ptb.train.txt").read_text().splitlines()[:2000]
+    path = tmp_path_factory.mktemp("shared_corpus") / "small.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC", "SLURM_"))}
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC", "SLURM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
     env.update({"DIST_W2V_DATA": str(ptb_dir()), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
     env.update(extra or {})
     return env

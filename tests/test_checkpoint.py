@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, ptb_dir, run_cli
+from conftest import REPO, run_cli
 from workers import TINY, run, train_command
 
 from dist_w2v.checkpoint import Checkpointer, CorruptCheckpoint, read_checkpoint
@@ -37,11 +37,9 @@ def train(*argv: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    lines = (ptb_dir() / "ptb.train.txt").read_text().splitlines()[:2000]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def corpus(shared_small_corpus) -> Path:
+    """conftest's small_corpus, shared by the module's reference runs."""
+    return shared_small_corpus
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, ptb_dir
+from conftest import REPO
 from workers import TINY, epoch_losses, max_table_diff, metric_keys, run, train_command
 
 from dist_w2v.cli import main
@@ -25,12 +25,9 @@ NEWEST_BEFORE_KILL = "step-000000090.pt"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The first 2,000 PTB sentences (as conftest's small_corpus), shared by the module."""
-    lines = (ptb_dir() / "ptb.train.txt").read_text().splitlines()[:2000]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def corpus(shared_small_corpus) -> Path:
+    """conftest's small_corpus, shared by the module's reference runs."""
+    return shared_small_corpus
 
 
 @pytest.fixture
@@ -78,6 +75,7 @@ def test_resume_is_exact_in_one_process(corpus, tmp_path, one_thread):
                                           f"debug.fail_at_step={KILL_AT}")), tmp_path / "log")
     assert code == 17, out
     assert (killed / "checkpoints" / NEWEST_BEFORE_KILL).is_file()
+    # Outside torchrun every run is a "first attempt", so the resume leaves the switch out.
     assert train_in_process(*args(corpus, killed, "train.epochs=2", EVERY),
                             "--resume", "auto") == 0
     assert_same_run(killed, straight)
