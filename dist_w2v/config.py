@@ -6,6 +6,7 @@ key or a bad value raises :class:`UserError` naming the key and what it accepts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -233,6 +234,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise UserError(f"config: {key} must be a number (got {value!r})")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

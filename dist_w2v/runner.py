@@ -73,9 +73,11 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None, resum
             f"dist-w2v: {len(trainer.vocab)} words, world size {env.world_size} "
             f"({env.backend or 'single process'}), device {env.device}, run dir {run_path}"
         )
-        trainer.resume(resume)
-        result = trainer.fit()
-        logger.close()
+        try:
+            trainer.resume(resume)
+            result = trainer.fit()
+        finally:
+            logger.close()  # the loss plot and the wandb run's end, also after a failure
         if result.stopped_early:
             if stop.reason == "SIGUSR2" and env.is_main:
                 requeue_slurm_job(environ, say=logger.info)

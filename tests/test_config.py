@@ -21,11 +21,12 @@ def test_ptb_config_holds_the_seed_hyperparameters():
 def test_overrides_are_typed_and_win_over_the_file():
     cfg = load_config(REPO / "configs" / "ptb.yaml",
                       ["train.epochs=1", "train.lr=0.01", "data.resample_each_epoch=false",
-                       "eval.probes=chip,stock", "data.dir=/x"])
+                       "eval.probes=chip,stock", "data.dir=/x", "data.subsample_t=1e-3"])
     assert cfg.train.epochs == 1 and cfg.train.lr == 0.01
     assert cfg.data.resample_each_epoch is False
     assert cfg.eval.probes == ["chip", "stock"]
     assert cfg.data.dir == "/x"
+    assert cfg.data.subsample_t == 0.001
 
 
 @pytest.mark.parametrize(

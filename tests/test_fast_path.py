@@ -142,8 +142,11 @@ def test_one_optimizer_step_moves_the_same_rows_the_same_way(ptb_epoch, optimize
             opt.step()
         params.append(dict(model.named_parameters()))
     padded, fast = params
+    # Adam divides by the root of the second moment, so a float-rounding difference in a
+    # near-zero gradient shows up as up to ~1e-6 in the step (seen on torch 2.11): 1e-4 of lr.
     for name in PARAMS:
-        torch.testing.assert_close(fast[name], padded[name], rtol=0, atol=1e-6)
+        atol = 2e-6 if optimizer == "adam" else 1e-6
+        torch.testing.assert_close(fast[name], padded[name], rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("exchange", ["allreduce", "allgather", "dense"])
@@ -151,7 +154,7 @@ def test_fast_equals_padded_under_one_process_gloo_ddp(ptb_epoch, tmp_path, exch
     """DDP sees sparse gradients from the fast path and exchanges them with every hook."""
     batch = ptb_batch(ptb_epoch, 512, seed=3)
     weights = torch.rand(512, generator=torch.Generator().manual_seed(4)) / 512
-    cfg = load_config(None, ["train.threads=1"])
+    cfg = load_config(None, ["train.threads=1", "train.device=cpu"])
     with distributed(cfg, {}, store=dist.FileStore(str(tmp_path / "store"), 1)) as env:
         padded, fast = model_pair(ptb_epoch[1])
         outputs = [loss_and_grads(wrap_model(m, env, exchange), batch, weights)
