@@ -11,7 +11,7 @@ import contextlib
 import datetime
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +171,9 @@ def distributed(
     env = init_distributed(cfg, environ, store)
     try:
         yield env
+        # Leave together: a rank that tears down while a peer still talks to it makes gloo
+        # report a closed connection on the peer. Skipped on errors, where a peer may be gone.
+        barrier(env)
     finally:
         teardown(env)
 
@@ -197,3 +200,19 @@ def broadcast_flag(env: DistEnv, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def on_main_rank(env: DistEnv, action: Callable[[], None]) -> None:
+    """Run ``action`` on rank 0 only; every rank returns after it, or raises its UserError.
+
+    A plain barrier would leave the other ranks waiting forever when rank 0 fails; the outcome
+    travels through a collective instead, and every rank stops with the same one-line error.
+    """
+    error: UserError | None = None
+    if env.is_main:
+        try:
+            action()
+        except UserError as exc:
+            error = exc
+    if broadcast_flag(env, error is not None):
+        raise error or UserError("rank 0 failed to prepare the run; see its log")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from dist_w2v.checkpoint import Checkpointer
 from dist_w2v.config import Config, load_config
-from dist_w2v.corpus import Vocab
-from dist_w2v.distributed import DistEnv, barrier, distributed
+from dist_w2v.corpus import Vocab, corpus_path
+from dist_w2v.distributed import DistEnv, distributed, on_main_rank
 from dist_w2v.errors import UserError
 from dist_w2v.evaluate import TrainingEvaluator
 from dist_w2v.metrics import make_logger, start_wandb
@@ -38,19 +38,18 @@ def effective_resume(resume: str | None, env: DistEnv, checkpointer: Checkpointe
 
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, fresh: bool) -> None:
     """Rank 0 creates the run directory and writes the resolved config; the others wait."""
-    error = None
-    if env.is_main:
+
+    def create() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.yaml")
             if fresh:
                 (run_dir / "metrics.jsonl").write_text("")
         except OSError as exc:
-            error = (f"cannot write to run directory {run_dir} ({exc.strerror}); "
-                     "choose a writable --run-dir")
-    if error:
-        raise UserError(error)
-    barrier(env)
+            raise UserError(f"cannot write to run directory {run_dir} ({exc.strerror}); "
+                            "choose a writable --run-dir") from None
+
+    on_main_rank(env, create)
 
 
 def make_evaluator(cfg: Config, vocab: Vocab, say: Callable[[str], None]) -> TrainingEvaluator:
@@ -64,6 +63,8 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None, resum
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     with StopRequest() as stop, distributed(cfg, environ) as env:
         logger = make_logger(cfg, env, run_path)
+        # Rank 0 alone fetches PTB when it is missing, so ranks never race on the same files.
+        on_main_rank(env, lambda: corpus_path(cfg.data))
         trainer = Trainer(cfg, env, run_path, logger, stop=stop)
         resume = effective_resume(resume, env, trainer.checkpointer)
         prepare_run_dir(run_path, cfg, env, fresh=resume is None)

@@ -205,7 +205,8 @@ class Trainer:
             self.state.step += 1
             self.state.global_step += 1
             self.state.epoch_examples += global_size
-            if self.state.step % self.cfg.log.every_steps == 0:
+            # Global steps: an epoch may be shorter than the interval (large global batches).
+            if self.state.global_step % self.cfg.log.every_steps == 0:
                 self.log_window(window_loss, window_examples, window_started, len(plan))
                 window_loss.zero_()
                 window_examples, window_started = 0, time.perf_counter()
@@ -218,8 +219,8 @@ class Trainer:
             if self.checkpointer.due(self.state.global_step) and self.state.step < len(plan):
                 self.fold_epoch_loss(loss_sum, started)
                 loss_sum.zero_()
-                started = time.perf_counter()
                 self.save_checkpoint()
+                started = time.perf_counter()  # checkpoint writes are not training time
         self.fold_epoch_loss(loss_sum, started)
         self.finish_epoch()
         return False
@@ -304,7 +305,7 @@ class Trainer:
 
     def stop_agreed(self) -> bool:
         """Every STOP_POLL_STEPS steps, whether any rank was asked to stop (all get the answer)."""
-        if self.state.step % STOP_POLL_STEPS != 0:
+        if self.state.global_step % STOP_POLL_STEPS != 0:
             return False
         return broadcast_flag(self.env, self.stop.requested)
 

@@ -249,7 +249,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path, small_corpus):
     assert len([line for line in lines if "world size 2 (gloo)" in line]) == 1, result.stdout
     assert len([line for line in lines if re.match(r"epoch 1\b.*: loss", line)]) == 1
     assert len([line for line in lines if line.startswith("done: outputs in")]) == 1
-    assert "error" not in result.stderr.lower()
+    assert "error" not in result.stderr.lower(), result.stderr
     assert [p.name for p in run_dir.glob("*metrics*")] == ["metrics.jsonl"]
     epochs = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()
               if '"kind": "epoch"' in line]
