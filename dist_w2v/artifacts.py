@@ -59,7 +59,7 @@ def load_run(run_dir: Path) -> Embeddings:
 def load_checkpoint_embeddings(path: Path) -> Embeddings:
     payload = read_checkpoint(path)
     model = payload["model"]
-    vocab = Vocab(payload["vocab"]["idx_to_token"], np.asarray(payload["vocab"]["counts"]))
+    vocab = Vocab.from_dict(payload["vocab"])
     return Embeddings(
         center=model["center.weight"].numpy(), context=model["context.weight"].numpy(), vocab=vocab
     )

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_w2v.distributed import usable_cores
 from dist_w2v.errors import UserError
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -81,7 +82,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--path", help="train.path: fast or padded")
     p.add_argument("--epochs", type=int, help="epochs for both systems (train.epochs)")
     p.add_argument("--max-sentences", type=int, help="first N corpus sentences (0 = all)")
-    p.add_argument("--gensim-workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--gensim-workers", type=int, default=usable_cores(),
                    help="gensim worker threads (default: all %(default)s cores)")
     p.add_argument("--skip-gensim", action="store_true", help="time our trainer only")
     p.add_argument("--ttq", type=float, metavar="WS353",
@@ -165,7 +166,7 @@ def describe_machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     gpu = None
     import torch
 

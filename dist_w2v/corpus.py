@@ -137,16 +137,21 @@ class Vocab:
             )
         return idx
 
+    def to_dict(self) -> dict[str, list]:
+        """The form saved in vocab.json and in checkpoints."""
+        return {"idx_to_token": self.idx_to_token, "counts": self.counts.tolist()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, list]) -> Vocab:
+        return cls(list(raw["idx_to_token"]), np.asarray(raw["counts"], dtype=np.int64))
+
     def save(self, path: Path) -> None:
-        path.write_text(
-            json.dumps({"idx_to_token": self.idx_to_token, "counts": self.counts.tolist()})
-        )
+        path.write_text(json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: Path) -> Vocab:
         try:
-            raw = json.loads(path.read_text())
-            return cls(raw["idx_to_token"], np.asarray(raw["counts"], dtype=np.int64))
+            return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"vocabulary file {path} is missing or corrupt") from None
 

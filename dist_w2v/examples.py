@@ -81,6 +81,11 @@ def mask_and_label(
     return mask, label
 
 
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """Distinct, reproducible random streams per (seed, epoch, stream); 1_000_003 is prime."""
+    return seed * 1_000_003 + epoch + stream
+
+
 def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vose's alias method: draw column i uniformly, keep it with probability[i], else alias[i]."""
     size = len(distribution)
@@ -122,8 +127,7 @@ class ExampleBuilder:
 
     def generator(self, seed: int, epoch: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        # Distinct, reproducible streams per (seed, epoch); 1_000_003 is prime to avoid overlap.
-        g.manual_seed(seed * 1_000_003 + epoch)
+        g.manual_seed(epoch_seed(seed, epoch))
         return g
 
     def build(self, seed: int, epoch: int) -> EpochExamples:

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from dist_w2v.errors import UserError
+from dist_w2v.examples import epoch_seed
+
+# The shuffle's random stream, apart from the one that draws the epoch's examples.
+SHUFFLE_STREAM = 7_919
 
 
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
@@ -85,6 +89,6 @@ class EpochSharder:
     def plan(self, num_examples: int) -> ShardPlan:
         # The shuffle is drawn on the CPU so every rank and device agrees on it bit for bit.
         g = torch.Generator()
-        g.manual_seed(self.seed * 1_000_003 + self.epoch + 7_919)
+        g.manual_seed(epoch_seed(self.seed, self.epoch, stream=SHUFFLE_STREAM))
         permutation = torch.randperm(num_examples, generator=g).to(self.device)
         return ShardPlan(permutation, num_examples, self.batch_size, self.world_size, self.rank)

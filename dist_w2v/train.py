@@ -73,7 +73,7 @@ def checkpoint_payload(
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
-        "vocab": {"idx_to_token": vocab.idx_to_token, "counts": vocab.counts.tolist()},
+        "vocab": vocab.to_dict(),
         "config": cfg.to_dict(),
         "world_size": world_size,
     }
