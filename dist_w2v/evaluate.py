@@ -51,10 +51,10 @@ def nearest(
 
 
 def probe_neighbours(
-    vectors: np.ndarray, vocab: Vocab, probes: list[str], k: int
+    vectors: np.ndarray, vocab: Vocab, probes: list[str], k: int, unit: np.ndarray | None = None
 ) -> dict[str, list[tuple[str, float]]]:
     """Neighbours of each probe word in the vocabulary (probes not in it are skipped)."""
-    unit = normalize_rows(vectors)
+    unit = normalize_rows(vectors) if unit is None else unit
     return {w: nearest(vectors, vocab, w, k, unit) for w in probes if vocab[w] != 0}
 
 
@@ -229,9 +229,10 @@ def score_analogies(unit: np.ndarray, vocab: Vocab, bench: Analogies) -> dict[st
     }
 
 
-def score_benchmarks(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks) -> dict[str, Any]:
+def score_benchmarks(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks,
+                     unit: np.ndarray | None = None) -> dict[str, Any]:
     """Every benchmark's score and coverage, keyed by benchmark name."""
-    unit = normalize_rows(vectors)
+    unit = normalize_rows(vectors) if unit is None else unit
     results: dict[str, Any] = {
         bench.name: score_similarity(unit, vocab, bench) for bench in benchmarks.similarity
     }
@@ -276,14 +277,21 @@ class TrainingEvaluator:
         """``model``: anything with a ``center`` embedding table (the unwrapped SkipGram)."""
         started = time.perf_counter()
         vectors = model.center.weight.detach().cpu().numpy()
-        record: dict[str, Any] = {
-            "neighbours": probe_neighbours(vectors, self.vocab, self.probes, self.k)
-        }
-        benchmarks = self.benchmarks()
-        if benchmarks is not None:
-            record["benchmarks"] = score_benchmarks(vectors, self.vocab, benchmarks)
+        record = judge(vectors, self.vocab, self.benchmarks(), self.probes, self.k)
         record["seconds"] = time.perf_counter() - started
         return record
+
+
+def judge(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks | None, probes: list[str],
+          k: int) -> dict[str, Any]:
+    """Probe neighbours, and the benchmark scores when there are benchmarks, from one
+    normalisation of the table."""
+    unit = normalize_rows(vectors)
+    record: dict[str, Any] = {}
+    if benchmarks is not None:
+        record["benchmarks"] = score_benchmarks(vectors, vocab, benchmarks, unit)
+    record["neighbours"] = probe_neighbours(vectors, vocab, probes, k, unit)
+    return record
 
 
 def evaluation_report(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks,
@@ -293,8 +301,7 @@ def evaluation_report(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks,
     report: dict[str, Any] = {
         "vocab_size": len(vocab),
         "dim": int(vectors.shape[1]),
-        "benchmarks": score_benchmarks(vectors, vocab, benchmarks),
-        "neighbours": probe_neighbours(vectors, vocab, probes, k),
+        **judge(vectors, vocab, benchmarks, probes, k),
     }
     report["seconds"] = time.perf_counter() - started
     return report
@@ -311,8 +318,12 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"{name:<12} accuracy {r['accuracy']:6.1%}   questions {r['questions']}/"
                          f"{r['total']} ({r['coverage']:.1%} in vocabulary), 3CosAdd")
     for word, found in report["neighbours"].items():
-        lines.append(f"{word} -> " + ", ".join(f"{w} {s:.3f}" for w, s in found))
+        lines.append(f"{word} -> {format_neighbours(found)}")
     return "\n".join(lines)
+
+
+def format_neighbours(found: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{w} {s:.3f}" for w, s in found)
 
 
 def json_safe(value: Any) -> Any:

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from dist_w2v.config import Config
 from dist_w2v.distributed import DistEnv
 from dist_w2v.errors import UserError
-from dist_w2v.evaluate import headline
+from dist_w2v.evaluate import format_neighbours, headline
 from dist_w2v.plot import plot_loss_curve
 
 LOSS_PLOT = "loss.png"
@@ -161,10 +161,6 @@ class RunLogger(NullLogger):
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
-
-
-def format_neighbours(found: list[tuple[str, float]]) -> str:
-    return ", ".join(f"{w} {s:.3f}" for w, s in found)
 
 
 def flatten_scores(results: dict[str, Any]) -> dict[str, float]:
