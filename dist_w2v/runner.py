@@ -36,15 +36,13 @@ def effective_resume(resume: str | None, env: DistEnv, checkpointer: Checkpointe
     return resume
 
 
-def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv, fresh: bool) -> None:
+def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv) -> None:
     """Rank 0 creates the run directory and writes the resolved config; the others wait."""
 
     def create() -> None:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg.save(run_dir / "config.yaml")
-            if fresh:
-                (run_dir / "metrics.jsonl").write_text("")
         except OSError as exc:
             raise UserError(f"cannot write to run directory {run_dir} ({exc.strerror}); "
                             "choose a writable --run-dir") from None
@@ -67,7 +65,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None, resum
         on_main_rank(env, lambda: corpus_path(cfg.data))
         trainer = Trainer(cfg, env, run_path, logger, stop=stop)
         resume = effective_resume(resume, env, trainer.checkpointer)
-        prepare_run_dir(run_path, cfg, env, fresh=resume is None)
+        prepare_run_dir(run_path, cfg, env)
         logger.use_wandb(start_wandb(cfg, env, run_path, resume is not None, environ))
         trainer.evaluate = make_evaluator(cfg, trainer.vocab, logger.info)
         logger.info(

@@ -150,18 +150,17 @@ class Trainer:
     # -- setup -----------------------------------------------------------------------------
 
     def resume(self, resume: str | None) -> None:
+        """Continue from a checkpoint, or start fresh; metrics.jsonl then holds exactly the
+        history of the run being continued (nothing, for a fresh start)."""
         found = self.checkpointer.resolve(resume)
-        if found is None:
-            if resume == "auto":
-                self.log.info("no checkpoint to resume from; starting fresh")
-                self.log.rewrite_history([])
-            return
-        self.state = restore(found, self.model, self.optimizer, self.vocab, self.cfg)
-        self.log.info(
-            f"resumed from {found.path} at epoch {self.state.epoch + 1}, step {self.state.step}"
-        )
-        barrier(self.env)  # every rank has read it before rank 0 renames newer files
-        self.checkpointer.set_aside_newer(self.state.global_step)
+        if found is not None:
+            self.state = restore(found, self.model, self.optimizer, self.vocab, self.cfg)
+            self.log.info(f"resumed from {found.path} at epoch {self.state.epoch + 1}, "
+                          f"step {self.state.step}")
+            barrier(self.env)  # every rank has read it before rank 0 renames newer files
+            self.checkpointer.set_aside_newer(self.state.global_step)
+        elif resume == "auto":
+            self.log.info("no checkpoint to resume from; starting fresh")
         self.log.rewrite_history(self.state.history)
 
     # -- the loop --------------------------------------------------------------------------
