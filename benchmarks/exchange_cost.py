@@ -35,10 +35,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_w2v.config import load_config
-from dist_w2v.distributed import DistEnv
-from dist_w2v.grad_exchange import allgather_sparse, dense_exchange, wrap_model
-from dist_w2v.optim import build_optimizer
-from dist_w2v.train import Trainer, init_model
+from dist_w2v.parallel.env import DistEnv
+from dist_w2v.parallel.exchange import allgather_sparse, dense_exchange, wrap_model
+from dist_w2v.train.loop import Trainer, init_model
+from dist_w2v.train.optim import build_optimizer
 
 WORLD_SIZE = 2
 EXCHANGES = ("allreduce", "allgather", "dense")

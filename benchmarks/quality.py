@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from dist_w2v.config import Config, load_config
-from dist_w2v.corpus import Vocab, build_vocab, corpus_path, encode, read_sentences
-from dist_w2v.evaluate import evaluation_report, json_safe, load_benchmarks
-from dist_w2v.examples import ExampleBuilder
-from dist_w2v.model import SkipGram
+from dist_w2v.data.corpus import Vocab, build_vocab, corpus_path, encode, read_sentences
+from dist_w2v.data.examples import ExampleBuilder
+from dist_w2v.model.skipgram import SkipGram
+from dist_w2v.outputs.evaluate import evaluation_report, json_safe, load_benchmarks
 
 PROBES = ["chip"]
 VALID_SEED = 20_240_601

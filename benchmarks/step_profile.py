@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_w2v.config import load_config
-from dist_w2v.corpus import load_corpus
-from dist_w2v.examples import EpochExamples, ExampleBuilder
-from dist_w2v.model import SkipGram
-from dist_w2v.optim import build_optimizer
+from dist_w2v.data.corpus import load_corpus
+from dist_w2v.data.examples import EpochExamples, ExampleBuilder
+from dist_w2v.model.skipgram import SkipGram
+from dist_w2v.train.optim import build_optimizer
 
 PHASES = ("sampling", "slice", "forward", "backward", "coalesce", "optimizer")
 DEFAULT_LR = {"adam": 0.002, "sparse_adam": 0.002, "sgd": 0.025}

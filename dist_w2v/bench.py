@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_w2v.distributed import usable_cores
 from dist_w2v.errors import UserError
+from dist_w2v.parallel.env import usable_cores
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                       "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS")
@@ -218,7 +218,7 @@ def peak_rss_mib() -> float:
 
 def wordsim353_scorer():
     """A function vectors, vocab -> WordSim353 Spearman, or None without gensim's data files."""
-    from dist_w2v.evaluate import benchmarks_if_available, normalize_rows, score_similarity
+    from dist_w2v.outputs.evaluate import benchmarks_if_available, normalize_rows, score_similarity
 
     benchmarks = benchmarks_if_available()
     if benchmarks is None:
@@ -235,8 +235,8 @@ def ours_worker(payload: dict[str, Any]) -> SystemResult:
     import torch
 
     from dist_w2v.config import load_config
-    from dist_w2v.metrics import read_metrics
-    from dist_w2v.runner import run_train
+    from dist_w2v.outputs.metrics import read_metrics
+    from dist_w2v.train.run import run_train
 
     started = time.perf_counter()
     cfg = load_config(payload["config"])
@@ -300,7 +300,7 @@ def gensim_worker(payload: dict[str, Any]) -> SystemResult:
     import numpy as np
 
     from dist_w2v.config import load_config
-    from dist_w2v.corpus import Vocab, corpus_path, read_sentences
+    from dist_w2v.data.corpus import Vocab, corpus_path, read_sentences
 
     cfg = load_config(payload["config"])
     d = cfg.data

@@ -46,7 +46,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from dist_w2v.export import FORMATS
+    from dist_w2v.outputs.export import FORMATS
 
     p = sub.add_parser("export", help="word vectors for gensim and other tools (<unk> left out)")
     _add_source(p)
@@ -75,14 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dist_w2v.runner import run_train
+    from dist_w2v.train.run import run_train
 
     return run_train(args.config, args.overrides, args.run_dir, args.resume, os.environ)
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
-    from dist_w2v.artifacts import load_embeddings
-    from dist_w2v.evaluate import nearest, normalize_rows
+    from dist_w2v.outputs.artifacts import load_embeddings
+    from dist_w2v.outputs.evaluate import nearest, normalize_rows
 
     if args.k < 1:
         raise UserError("-k must be >= 1")
@@ -106,8 +106,13 @@ def cmd_similar(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from dist_w2v.artifacts import load_embeddings
-    from dist_w2v.evaluate import evaluation_report, format_report, json_safe, load_benchmarks
+    from dist_w2v.outputs.artifacts import load_embeddings
+    from dist_w2v.outputs.evaluate import (
+        evaluation_report,
+        format_report,
+        json_safe,
+        load_benchmarks,
+    )
 
     if args.k < 1:
         raise UserError("-k must be >= 1")
@@ -121,8 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dist_w2v.artifacts import load_embeddings
-    from dist_w2v.export import export_embeddings
+    from dist_w2v.outputs.artifacts import load_embeddings
+    from dist_w2v.outputs.export import export_embeddings
 
     emb = load_embeddings(args.run_dir, args.checkpoint)
     for path in export_embeddings(emb, args.format, Path(args.out)):

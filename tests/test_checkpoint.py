@@ -16,11 +16,11 @@ import torch
 from conftest import REPO, run_cli
 from workers import TINY, run, train_command
 
-from dist_w2v.checkpoint import Checkpointer, CorruptCheckpoint, read_checkpoint
 from dist_w2v.cli import main
 from dist_w2v.config import CkptConfig
-from dist_w2v.distributed import DistEnv
-from dist_w2v.runner import effective_resume
+from dist_w2v.parallel.env import DistEnv
+from dist_w2v.train.checkpoint import Checkpointer, CorruptCheckpoint, read_checkpoint
+from dist_w2v.train.run import effective_resume
 
 # 71 steps per epoch with a checkpoint every 20: saves at 20, 40, 60 and 71 (epoch end); keep 3.
 EVERY = "ckpt.every_steps=20"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dist_w2v.config import DataConfig
-from dist_w2v.corpus import UNK, build_vocab, load_corpus, read_sentences
+from dist_w2v.data.corpus import UNK, build_vocab, load_corpus, read_sentences
+from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.errors import UserError
-from dist_w2v.examples import ExampleBuilder
 
 CPU = torch.device("cpu")
 
@@ -157,7 +157,7 @@ def test_missing_corpus(tmp_path):
 
 
 def test_offline_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
-    from dist_w2v import corpus
+    from dist_w2v.data import corpus
 
     with pytest.raises(UserError, match="put ptb.train.txt"):
         corpus.download_ptb(tmp_path / "cache", url="http://127.0.0.1:9/ptb.zip")
@@ -173,7 +173,7 @@ def _zip_ptb(ptb, path, tamper=False):
 
 
 def test_download_unpacks_and_verifies_sha1(tmp_path, ptb):
-    from dist_w2v import corpus
+    from dist_w2v.data import corpus
 
     _zip_ptb(ptb, tmp_path / "ptb.zip")
     corpus.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
@@ -182,7 +182,7 @@ def test_download_unpacks_and_verifies_sha1(tmp_path, ptb):
 
 
 def test_download_rejects_a_file_with_the_wrong_sha1(tmp_path, ptb):
-    from dist_w2v import corpus
+    from dist_w2v.data import corpus
 
     _zip_ptb(ptb, tmp_path / "ptb.zip", tamper=True)
     with pytest.raises(UserError, match="SHA-1"):

@@ -20,10 +20,10 @@ import torch.multiprocessing as mp
 from conftest import REPO, SMOKE, cli_env
 
 from dist_w2v.config import PATHS, Config, load_config
-from dist_w2v.distributed import DistEnv, distributed, read_launch_env
 from dist_w2v.errors import UserError
-from dist_w2v.grad_exchange import resolve_exchange, wrap_model
-from dist_w2v.train import Trainer
+from dist_w2v.parallel.env import DistEnv, distributed, read_launch_env
+from dist_w2v.parallel.exchange import resolve_exchange, wrap_model
+from dist_w2v.train.loop import Trainer
 
 EXCHANGES = ("allreduce", "allgather", "dense")
 PARAMS = ("center.weight", "context.weight")

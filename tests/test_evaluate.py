@@ -13,11 +13,11 @@ import pytest
 from conftest import SMOKE
 from workers import run, train_command
 
-from dist_w2v.artifacts import Embeddings, save_outputs
 from dist_w2v.cli import main
 from dist_w2v.config import DataConfig
-from dist_w2v.corpus import UNK, Vocab, load_corpus
-from dist_w2v.evaluate import (
+from dist_w2v.data.corpus import UNK, Vocab, load_corpus
+from dist_w2v.outputs.artifacts import Embeddings, save_outputs
+from dist_w2v.outputs.evaluate import (
     Analogies,
     answer_analogies,
     average_ranks,

@@ -15,15 +15,15 @@ import torch
 import torch.distributed as dist
 
 from dist_w2v.config import load_config
-from dist_w2v.corpus import load_corpus
-from dist_w2v.distributed import DistEnv, distributed
+from dist_w2v.data.corpus import load_corpus
+from dist_w2v.data.examples import Batch, ExampleBuilder
 from dist_w2v.errors import UserError
-from dist_w2v.examples import Batch, ExampleBuilder
-from dist_w2v.fast_path import KERNELS, fast_skip_gram_loss, unique_rows
-from dist_w2v.grad_exchange import wrap_model
-from dist_w2v.model import SkipGram
-from dist_w2v.optim import build_optimizer
-from dist_w2v.train import Trainer
+from dist_w2v.model.fast_path import KERNELS, fast_skip_gram_loss, unique_rows
+from dist_w2v.model.skipgram import SkipGram
+from dist_w2v.parallel.env import DistEnv, distributed
+from dist_w2v.parallel.exchange import wrap_model
+from dist_w2v.train.loop import Trainer
+from dist_w2v.train.optim import build_optimizer
 
 LOSS_TOL = {"rtol": 0.0, "atol": 1e-6}
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-7}

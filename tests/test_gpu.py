@@ -20,13 +20,13 @@ import torch
 from conftest import REPO, cli_env
 
 from dist_w2v.config import load_config
-from dist_w2v.corpus import load_corpus
-from dist_w2v.distributed import DistEnv
-from dist_w2v.examples import ExampleBuilder
-from dist_w2v.fast_path import fast_skip_gram_loss
-from dist_w2v.metrics import read_metrics
-from dist_w2v.model import SkipGram
-from dist_w2v.train import Trainer
+from dist_w2v.data.corpus import load_corpus
+from dist_w2v.data.examples import ExampleBuilder
+from dist_w2v.model.fast_path import fast_skip_gram_loss
+from dist_w2v.model.skipgram import SkipGram
+from dist_w2v.outputs.metrics import read_metrics
+from dist_w2v.parallel.env import DistEnv
+from dist_w2v.train.loop import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

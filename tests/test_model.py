@@ -1,6 +1,6 @@
 import torch
 
-from dist_w2v.model import SkipGram, masked_bce, skip_gram
+from dist_w2v.model.skipgram import SkipGram, masked_bce, skip_gram
 
 
 def test_seed_loss_example():

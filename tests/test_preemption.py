@@ -27,8 +27,8 @@ from workers import (
     wait_for_step_line,
 )
 
-from dist_w2v.checkpoint import read_checkpoint
 from dist_w2v.cli import main
+from dist_w2v.train.checkpoint import read_checkpoint
 
 JOB_ID = "4242"
 # Long enough that no run finishes before the signal lands; the runs are stopped, not finished.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dist_w2v.data.sharding import EpochSharder, per_rank_batch_size
 from dist_w2v.errors import UserError
-from dist_w2v.sharding import EpochSharder, per_rank_batch_size
 
 CPU = torch.device("cpu")
 BATCH = 96  # divides by 1, 2 and 3

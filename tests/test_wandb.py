@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO, SMOKE, cli_env, run_cli
 
 from dist_w2v.config import load_config
-from dist_w2v.distributed import DistEnv
-from dist_w2v.metrics import RunLogger, wandb_init_arguments
+from dist_w2v.outputs.metrics import RunLogger, wandb_init_arguments
+from dist_w2v.parallel.env import DistEnv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -207,7 +207,8 @@ def test_resumed_run_continues_its_wandb_run(tmp_path):
 
 
 def test_wandb_is_imported_lazily():
-    code = ("import sys, dist_w2v.cli, dist_w2v.runner, dist_w2v.train, dist_w2v.metrics; "
+    code = ("import sys, dist_w2v.cli, dist_w2v.train.run, dist_w2v.train.loop, "
+            "dist_w2v.outputs.metrics; "
             "print('wandb' in sys.modules, 'matplotlib' in sys.modules, 'gensim' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=cli_env(), cwd=REPO, timeout=60)

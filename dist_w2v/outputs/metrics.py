@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dist_w2v.config import Config
-from dist_w2v.distributed import DistEnv
 from dist_w2v.errors import UserError
-from dist_w2v.evaluate import format_neighbours, headline
-from dist_w2v.plot import plot_loss_curve
+from dist_w2v.outputs.evaluate import format_neighbours, headline
+from dist_w2v.outputs.plot import plot_loss_curve
+from dist_w2v.parallel.env import DistEnv
 
 LOSS_PLOT = "loss.png"
 WANDB_ID_FILE = "wandb-run-id"

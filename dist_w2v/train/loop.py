@@ -17,19 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_w2v.artifacts import Embeddings, save_outputs
-from dist_w2v.checkpoint import Checkpointer, Found
 from dist_w2v.config import Config
-from dist_w2v.corpus import Vocab, load_corpus
-from dist_w2v.distributed import DistEnv, all_sum, barrier, broadcast_flag
+from dist_w2v.data.corpus import Vocab, load_corpus
+from dist_w2v.data.examples import EpochExamples, ExampleBuilder
+from dist_w2v.data.sharding import EpochSharder, ShardPlan
 from dist_w2v.errors import UserError
-from dist_w2v.examples import EpochExamples, ExampleBuilder
-from dist_w2v.grad_exchange import wrap_model
-from dist_w2v.metrics import NullLogger
-from dist_w2v.model import SkipGram
-from dist_w2v.optim import build_optimizer, set_learning_rate
-from dist_w2v.preemption import StopRequest
-from dist_w2v.sharding import EpochSharder, ShardPlan
+from dist_w2v.model.skipgram import SkipGram
+from dist_w2v.outputs.artifacts import Embeddings, save_outputs
+from dist_w2v.outputs.metrics import NullLogger
+from dist_w2v.parallel.env import DistEnv, all_sum, barrier, broadcast_flag
+from dist_w2v.parallel.exchange import wrap_model
+from dist_w2v.train.checkpoint import Checkpointer, Found
+from dist_w2v.train.optim import build_optimizer, set_learning_rate
+from dist_w2v.train.stop import StopRequest
 
 # How often ranks agree on whether a stop (SIGUSR2 / SIGTERM) was requested: a collective every
 # step would cost a host sync per step on GPU, and SLURM's warning leaves minutes, not steps.

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dist_w2v.examples import mask_and_label
-from dist_w2v.fast_path import fast_skip_gram_loss
+from dist_w2v.data.examples import mask_and_label
+from dist_w2v.model.fast_path import fast_skip_gram_loss
 
 
 def skip_gram(

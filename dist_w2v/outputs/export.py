@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_w2v.artifacts import Embeddings
 from dist_w2v.errors import UserError
+from dist_w2v.outputs.artifacts import Embeddings
 
 FORMATS = ("word2vec-text", "word2vec-binary", "npy")
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_w2v.checkpoint import read_checkpoint
-from dist_w2v.corpus import Vocab
+from dist_w2v.data.corpus import Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.train.checkpoint import read_checkpoint
 
 CENTER_FILE = "center.npy"
 CONTEXT_FILE = "context.npy"

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dist_w2v.config import DataConfig
-from dist_w2v.corpus import EncodedCorpus, Vocab
+from dist_w2v.data.corpus import EncodedCorpus, Vocab
 from dist_w2v.errors import UserError
 
 # Rejected negatives are redrawn in rounds over the rows that clashed. PTB settles in 3-4

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from dist_w2v.checkpoint import Checkpointer
 from dist_w2v.config import Config, load_config
-from dist_w2v.corpus import Vocab, corpus_path
-from dist_w2v.distributed import DistEnv, distributed, on_main_rank
+from dist_w2v.data.corpus import Vocab, corpus_path
 from dist_w2v.errors import UserError
-from dist_w2v.evaluate import TrainingEvaluator
-from dist_w2v.metrics import make_logger, start_wandb
-from dist_w2v.preemption import StopRequest, requeue_slurm_job
-from dist_w2v.train import Trainer
+from dist_w2v.outputs.evaluate import TrainingEvaluator
+from dist_w2v.outputs.metrics import make_logger, start_wandb
+from dist_w2v.parallel.env import DistEnv, distributed, on_main_rank
+from dist_w2v.train.checkpoint import Checkpointer
+from dist_w2v.train.loop import Trainer
+from dist_w2v.train.stop import StopRequest, requeue_slurm_job
 
 
 def default_run_dir(config_path: str) -> Path:

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dist_w2v.distributed import DistEnv
 from dist_w2v.errors import UserError
+from dist_w2v.parallel.env import DistEnv
 
 
 def _done(result: torch.Tensor) -> torch.futures.Future[torch.Tensor]:

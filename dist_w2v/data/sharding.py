@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dist_w2v.data.examples import epoch_seed
 from dist_w2v.errors import UserError
-from dist_w2v.examples import epoch_seed
 
 # The shuffle's random stream, apart from the one that draws the epoch's examples.
 SHUFFLE_STREAM = 7_919

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from dist_w2v.config import CkptConfig
-from dist_w2v.distributed import DistEnv, broadcast_flag
 from dist_w2v.errors import UserError
+from dist_w2v.parallel.env import DistEnv, broadcast_flag
 
 MAGIC = b"DISTW2V-CKPT-1\n"
 DIGEST_BYTES = 32
