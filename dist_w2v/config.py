@@ -30,14 +30,22 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class DataConfig:
+    prepared: str | None = None
+    """A folder written by `dist-w2v prepare` to train on (then corpus, dir and the vocabulary
+    settings below are not used)."""
     dir: str | None = None
     """Folder holding ptb.train.txt; else $DIST_W2V_DATA, else a per-user cache (downloaded)."""
     corpus: str | None = None
-    """Any other whitespace-tokenized, one-sentence-per-line text file to train on, not PTB."""
+    """Any other whitespace-tokenized, one-sentence-per-line text file to train on, not PTB.
+    PTB and this file are prepared once into the cache (keyed by content and settings)."""
     max_sentences: int = 0
     """Use only the first N sentences (0 = all); for smoke runs."""
     min_count: int = 10
     """Words seen fewer times map to <unk> and are dropped."""
+    max_vocab: int = 0
+    """Keep only the N most frequent words (0 = no limit)."""
+    max_sentence_length: int = 10_000
+    """Longer lines are cut into sentences of at most this many tokens (word2vec, gensim)."""
     subsample_t: float = 1e-4
     """Subsampling threshold t: keep word w with probability min(1, sqrt(t / f(w)))."""
     max_window: int = 5
@@ -46,13 +54,29 @@ class DataConfig:
     """Noise words drawn per context word, from unigram counts ** 0.75."""
     resample_each_epoch: bool = True
     """Redraw subsampling, windows and negatives every epoch (word2vec); false = d2l's draw-once."""
+    shards: int = 16
+    """Virtual shards S: each is its own stream of chunks, every global batch takes B/S examples
+    from each, and rank r of W trains S/W of them. W must divide S, S must divide the batch."""
+    chunk_tokens: int = 262_144
+    """Sentence-aligned chunk size in tokens: examples are built (and held) one chunk per
+    shard at a time, so memory follows this, not the corpus length."""
 
     def __post_init__(self) -> None:
+        _require(self.corpus != "", "data.corpus",
+                 "is empty; give a text file, or leave data.corpus unset for PTB")
+        _require(self.prepared != "", "data.prepared",
+                 "is empty; give a folder written by `dist-w2v prepare`, or leave it unset")
+        _require(not (self.prepared and self.corpus), "data.prepared",
+                 "and data.corpus are both set; train on one of them")
         _require(self.max_sentences >= 0, "data.max_sentences", "must be >= 0 (0 = all)")
         _require(self.min_count >= 1, "data.min_count", "must be >= 1")
+        _require(self.max_vocab >= 0, "data.max_vocab", "must be >= 0 (0 = no limit)")
+        _require(self.max_sentence_length >= 2, "data.max_sentence_length", "must be >= 2")
         _require(self.subsample_t > 0, "data.subsample_t", "must be > 0")
         _require(self.max_window >= 1, "data.max_window", "must be >= 1")
         _require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1")
+        _require(self.shards >= 1, "data.shards", "must be >= 1")
+        _require(self.chunk_tokens >= 1024, "data.chunk_tokens", "must be >= 1024")
 
 
 @dataclass
@@ -73,6 +97,8 @@ PATHS = ("fast", "padded")
 class TrainConfig:
     epochs: int = 5
     """Passes over the corpus."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in all (0 = no limit); for benchmarks and smoke runs."""
     batch_size: int = 512
     """Global batch, in center words; each of W ranks takes batch_size / W."""
     lr: float = 0.002
@@ -96,6 +122,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        _require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.lr_min >= 0, "train.lr_min", "must be >= 0")

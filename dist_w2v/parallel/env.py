@@ -1,8 +1,9 @@
 """Process setup: who this process is, which device and backend it uses, and teardown.
 
-This is the only module that reads the launcher's environment (torchrun's RANK / WORLD_SIZE /
-LOCAL_RANK, or SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID for a bare ``srun``).
-Everything else receives the frozen :class:`DistEnv` it builds.
+This is the only module that reads the environment: the launcher's (torchrun's RANK /
+WORLD_SIZE / LOCAL_RANK, or SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID for a bare
+``srun``) and the user's folders ($DIST_W2V_DATA, $XDG_CACHE_HOME). Everything else receives
+the frozen :class:`DistEnv` and :class:`UserDirs` built here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,24 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.backend is not None
+
+
+@dataclass(frozen=True)
+class UserDirs:
+    """Where data lives when the config does not say."""
+
+    ptb: Path | None
+    """$DIST_W2V_DATA: a folder holding ptb.train.txt (else PTB is downloaded into the cache)."""
+    cache: Path
+    """$XDG_CACHE_HOME/dist-w2v (default ~/.cache/dist-w2v): downloads and prepared corpora."""
+
+
+def user_dirs(environ: Mapping[str, str] | None = None) -> UserDirs:
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    ptb = environ.get("DIST_W2V_DATA")
+    return UserDirs(ptb=Path(ptb).expanduser() if ptb else None,
+                    cache=Path(base).expanduser() / "dist-w2v")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,90 @@
+"""The vocabulary: index <-> word and each word's count, and the two files it is kept in.
+
+Index 0 is ``<unk>``: unknown words are dropped from sentences before anything else (d2l 14.3),
+so it is never trained and never drawn as a negative. Words 1..V-1 are sorted by descending
+count, ties in order of first occurrence.
+
+Files: a prepared corpus keeps it as word2vec's ``-save-vocab`` text (``word count`` per line,
+most frequent first; line i is word i, ``<unk>`` is not listed); a run directory and a
+checkpoint keep it as JSON (``to_dict``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dist_w2v.errors import UserError
+
+UNK = "<unk>"
+
+
+@dataclass
+class Vocab:
+    """Index <-> token, and each token's count in the unk-free corpus (index 0 is <unk>)."""
+
+    idx_to_token: list[str]
+    counts: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
+
+    def __len__(self) -> int:
+        return len(self.idx_to_token)
+
+    def __getitem__(self, token: str) -> int:
+        return self.token_to_idx.get(token, 0)
+
+    def index(self, token: str) -> int:
+        """The index of a known word; a one-line error for an unknown one."""
+        idx = self.token_to_idx.get(token, 0)
+        if idx == 0:
+            raise UserError(
+                f"unknown word {token!r}: it is not in the vocabulary ({len(self)} words)"
+            )
+        return idx
+
+    def to_dict(self) -> dict[str, list]:
+        """The form saved in vocab.json and in checkpoints."""
+        return {"idx_to_token": self.idx_to_token, "counts": self.counts.tolist()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, list]) -> Vocab:
+        return cls(list(raw["idx_to_token"]), np.asarray(raw["counts"], dtype=np.int64))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: Path) -> Vocab:
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"vocabulary file {path} is missing or corrupt") from None
+
+
+def vocab_text(vocab: Vocab) -> str:
+    """word2vec's ``-save-vocab`` text: ``word count`` per line, <unk> (index 0) left out."""
+    return "".join(f"{t} {int(c)}\n" for t, c in zip(vocab.idx_to_token[1:], vocab.counts[1:],
+                                                       strict=True))
+
+
+def read_vocab_text(path: Path) -> Vocab:
+    """The inverse of :func:`vocab_text`; a one-line error for a malformed file."""
+    words, counts = [UNK], [0]
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                word, _, count = line.rstrip("\n").rpartition(" ")
+                if not word or not count.isdigit():
+                    raise UserError(f"vocabulary file {path} line {number} is not 'word count'; "
+                                    "prepare the corpus again")
+                words.append(word)
+                counts.append(int(count))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"vocabulary file {path} cannot be read ({exc}); "
+                        "prepare the corpus again") from None
+    return Vocab(words, np.asarray(counts, dtype=np.int64))
