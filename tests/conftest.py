@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from dist_w2v.config import DataConfig
+from dist_w2v.data.prepared import PreparedCorpus, load_prepared
+from dist_w2v.data.stream import Chunk, ChunkSource
+from dist_w2v.parallel.env import UserDirs
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,3 +69,26 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
 
 SMOKE = ("train.epochs=1", "train.batch_size=64", "model.dim=16", "data.min_count=5",
          "eval.every_epochs=0", "train.threads=1")
+
+
+def prepare(data: DataConfig, cache: Path) -> PreparedCorpus:
+    """The corpus ``data`` names, prepared into ``cache`` by the trainer's own path."""
+    from dist_w2v.data.sources import prepared_dir_for
+
+    dirs = UserDirs(ptb=ptb_dir(), cache=cache)
+    return load_prepared(prepared_dir_for(data, dirs, say=lambda message: None))
+
+
+@pytest.fixture(scope="session")
+def prepared_ptb(tmp_path_factory: pytest.TempPathFactory, ptb: Path) -> PreparedCorpus:
+    return prepare(DataConfig(dir=str(ptb)), tmp_path_factory.mktemp("cache"))
+
+
+def whole_corpus(corpus: PreparedCorpus) -> Chunk:
+    """The whole corpus as one chunk (examples of a whole PTB epoch, as one piece)."""
+    return Chunk(0, 0, corpus.num_tokens, 0, corpus.num_sentences)
+
+
+def one_chunk_examples(corpus: PreparedCorpus, builder, seed: int = 0, epoch: int = 0):
+    """A whole-corpus chunk's examples, as the trainer's ChunkSource builds them."""
+    return ChunkSource(corpus, builder, seed, True).build(whole_corpus(corpus), epoch)[0]

@@ -1,54 +1,49 @@
-"""Data semantics on PTB, as DESIGN.md states them (d2l 14.3)."""
+"""Example semantics on PTB, as DESIGN.md states them (d2l 14.3): subsampling, windows,
+negatives and the padded layout, built from a prepared corpus the way the trainer builds them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import one_chunk_examples, whole_corpus
 
 from dist_w2v.config import DataConfig
-from dist_w2v.data.corpus import UNK, build_vocab, load_corpus, read_sentences
+from dist_w2v.data.corpus import load_corpus, read_sentences
 from dist_w2v.data.examples import ExampleBuilder
+from dist_w2v.data.stream import ChunkSource
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def ptb_data(ptb):
-    cfg = DataConfig(dir=str(ptb))
-    corpus, vocab = load_corpus(cfg)
-    return cfg, corpus, vocab, ExampleBuilder(corpus, vocab, cfg, CPU)
-
-
-def test_vocabulary_matches_d2l(ptb_data):
-    _, corpus, vocab, _ = ptb_data
-    assert len(vocab) == 6719
-    assert vocab.idx_to_token[0] == UNK and vocab[UNK] == 0
-    assert vocab.idx_to_token[1] == "the"
-    assert (np.diff(vocab.counts[1:]) <= 0).all()  # descending counts
-    assert vocab.counts[1:].min() >= 10
-    assert corpus.num_tokens == 820_056  # unknown tokens removed before anything else
-
-
-def test_vocab_ties_keep_first_occurrence_order():
-    sentences = [["b", "a", "c"], ["a", "b", "c"]]
-    vocab = build_vocab(sentences, min_count=2)
-    assert vocab.idx_to_token == [UNK, "b", "a", "c"]
+def ptb_data(prepared_ptb):
+    cfg = DataConfig()
+    builder = ExampleBuilder(prepared_ptb.vocab, cfg, CPU)
+    return cfg, prepared_ptb, builder, ChunkSource(prepared_ptb, builder, 0, True)
 
 
 def test_epoch_sizes_match_design(ptb_data):
-    cfg, _, _, builder = ptb_data
-    ex = builder.build(seed=0, epoch=0)
+    cfg, corpus, builder, _ = ptb_data
+    ex = one_chunk_examples(corpus, builder)
     assert 330_000 < len(ex) < 356_000  # about 343k centers
     assert 1_450_000 < ex.num_pairs < 1_550_000  # about 1.5M center-context pairs
     assert ex.width == 2 * cfg.max_window * (1 + cfg.num_negatives) == 60
 
 
+def test_count_is_the_number_of_examples_built(ptb_data):
+    _, corpus, builder, source = ptb_data
+    chunk = whole_corpus(corpus)
+    assert source.count(chunk, 4) == len(source.build(chunk, 4)[0])
+
+
 def test_contexts_lie_in_window_inside_sentence(ptb_data):
-    cfg, _, _, builder = ptb_data
-    g = builder.generator(0, 3)
-    tokens, sentence_ids = builder.subsample(g)
+    cfg, corpus, builder, source = ptb_data
+    chunk = whole_corpus(corpus)
+    g = source.generator(chunk, 3)
+    tokens, sentence_ids = builder.subsample(*source.tokens(chunk), g)
     centers, contexts, num_contexts = builder.windows(tokens, sentence_ids, g)
     tokens, sentence_ids = tokens.numpy(), sentence_ids.numpy()
     rng = np.random.default_rng(0)
@@ -67,8 +62,8 @@ def test_contexts_lie_in_window_inside_sentence(ptb_data):
 
 
 def test_no_negative_equals_a_context_and_layout(ptb_data):
-    cfg, _, _, builder = ptb_data
-    ex = builder.build(seed=1, epoch=0)
+    cfg, corpus, builder, _ = ptb_data
+    ex = one_chunk_examples(corpus, builder, seed=1)
     k = cfg.num_negatives
     n = ex.num_contexts
     slots = torch.arange(ex.width)
@@ -89,10 +84,20 @@ def test_no_negative_equals_a_context_and_layout(ptb_data):
         assert label[row].tolist() == [1.0] * m + [0.0] * (ex.width - m)
 
 
+def test_rejection_redraws_only_the_clashing_negatives():
+    """A two-word vocabulary beside a context: every draw of that word must be redrawn, and
+    the result is the other word, in every negative slot."""
+    vocab = Vocab(["<unk>", "a", "b"], np.array([0, 100, 100]))
+    builder = ExampleBuilder(vocab, DataConfig(max_window=1, num_negatives=3), CPU)
+    contexts = torch.tensor([[1, 0], [2, 0]], dtype=torch.int32)
+    negatives = builder.draw_negatives(contexts, torch.tensor([1, 1]), torch.Generator())
+    assert negatives.tolist() == [2, 2, 2, 1, 1, 1]
+
+
 def test_negatives_follow_unigram_to_the_three_quarters(ptb_data):
-    _, _, vocab, builder = ptb_data
-    g = builder.generator(5, 5)
-    draws = builder.draw_noise(2_000_000, g)
+    _, corpus, builder, _ = ptb_data
+    vocab = corpus.vocab
+    draws = builder.draw_noise(2_000_000, torch.Generator().manual_seed(5))
     expected = vocab.counts.astype(np.float64) ** 0.75
     expected[0] = 0
     expected /= expected.sum()
@@ -104,15 +109,17 @@ def test_negatives_follow_unigram_to_the_three_quarters(ptb_data):
 
 
 def test_subsampling_keep_rate_matches_formula(ptb_data):
-    cfg, corpus, vocab, builder = ptb_data
+    cfg, corpus, builder, source = ptb_data
+    vocab = corpus.vocab
     frequency = vocab.counts / vocab.counts[1:].sum()
+    tokens, _ = source.tokens(whole_corpus(corpus))
     kept = np.zeros(len(vocab))
     rounds = 5
     for epoch in range(rounds):
-        draw = torch.rand(builder.tokens.shape, generator=builder.generator(0, epoch),
+        draw = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(epoch),
                           dtype=torch.float64)
-        keep = (draw < builder.keep_probability[builder.tokens.long()]).numpy()
-        kept += np.bincount(corpus.tokens[keep], minlength=len(vocab))
+        keep = (draw < builder.keep_probability[tokens.long()]).numpy()
+        kept += np.bincount(tokens.numpy()[keep], minlength=len(vocab))
     for word in ["the", "of", "stock", "chip", "japan"]:
         i = vocab[word]
         p = min(1.0, np.sqrt(cfg.subsample_t / frequency[i]))
@@ -123,12 +130,12 @@ def test_subsampling_keep_rate_matches_formula(ptb_data):
     assert 335_000 < kept.sum() / rounds < 352_000
 
 
-def test_epochs_are_a_function_of_seed_and_epoch(ptb_data):
-    _, _, _, builder = ptb_data
-    a = builder.build(seed=0, epoch=2)
-    b = builder.build(seed=0, epoch=2)
-    c = builder.build(seed=0, epoch=3)
-    d = builder.build(seed=1, epoch=2)
+def test_chunks_are_a_function_of_seed_epoch_and_chunk(ptb_data):
+    _, corpus, builder, _ = ptb_data
+    a = one_chunk_examples(corpus, builder, seed=0, epoch=2)
+    b = one_chunk_examples(corpus, builder, seed=0, epoch=2)
+    c = one_chunk_examples(corpus, builder, seed=0, epoch=3)
+    d = one_chunk_examples(corpus, builder, seed=1, epoch=2)
     assert torch.equal(a.contexts_negatives, b.contexts_negatives)
     assert torch.equal(a.centers, b.centers)
     assert len(a) != len(c) or not torch.equal(a.contexts_negatives, c.contexts_negatives)

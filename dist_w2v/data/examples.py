@@ -1,8 +1,10 @@
-"""One epoch of skip-gram examples, built with tensor operations on the training device.
+"""Skip-gram examples of one chunk of sentences, built with tensor operations on the device.
 
 Everything d2l 14.3 does per token in Python (subsampling, random windows, negatives with
-rejection of the center's contexts, the padded layout) is done here as whole-array operations.
-An epoch is a pure function of (seed, epoch), so a resumed or restarted run rebuilds it exactly.
+rejection of the center's contexts, the padded layout) is done here as whole-array operations
+over a chunk (data/stream.py cuts the corpus into sentence-aligned chunks). A chunk's examples
+are a pure function of its tokens and its random generator, which stream.py seeds from (seed,
+epoch, chunk), so a resumed or restarted run rebuilds them exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from dist_w2v.config import DataConfig
-from dist_w2v.data.corpus import EncodedCorpus, Vocab
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 
 # Rejected negatives are redrawn in rounds over the rows that clashed. PTB settles in 3-4
@@ -22,7 +24,7 @@ MAX_REJECTION_ROUNDS = 64
 
 
 @dataclass
-class EpochExamples:
+class ChunkExamples:
     """The padded layout of d2l 14.3, one row per center word.
 
     ``contexts_negatives[i]`` holds the n_i contexts, then n_i*K negatives, then 0-padding, in
@@ -81,9 +83,16 @@ def mask_and_label(
     return mask, label
 
 
-def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
-    """Distinct, reproducible random streams per (seed, epoch, stream); 1_000_003 is prime."""
-    return seed * 1_000_003 + epoch + stream
+def stream_seed(*keys: int) -> int:
+    """A 63-bit seed of its own for every tuple of keys, e.g. (seed, epoch, chunk, purpose)."""
+    return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2,
+               dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seeded_generator(device: torch.device, *keys: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(stream_seed(*keys))
+    return g
 
 
 def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,14 +112,11 @@ def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ExampleBuilder:
-    """Holds the corpus and the sampling tables on one device and draws epochs from them."""
+    """Holds the sampling tables on one device and turns chunks of sentences into examples."""
 
-    def __init__(self, corpus: EncodedCorpus, vocab: Vocab, cfg: DataConfig, device: torch.device):
+    def __init__(self, vocab: Vocab, cfg: DataConfig, device: torch.device):
         self.cfg = cfg
         self.device = device
-        # int32 ids halve the memory traffic of every epoch pass; embeddings accept them as is.
-        self.tokens = torch.as_tensor(corpus.tokens, dtype=torch.int32, device=device)
-        self.sentence_ids = torch.as_tensor(corpus.sentence_ids, device=device)
         counts = vocab.counts.astype(np.float64)
         frequency = counts / counts[1:].sum()
         keep = np.ones_like(frequency)
@@ -125,27 +131,28 @@ class ExampleBuilder:
         self.vocab_size = len(vocab)
         self.width = 2 * cfg.max_window * (1 + cfg.num_negatives)
 
-    def generator(self, seed: int, epoch: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(epoch_seed(seed, epoch))
-        return g
+    def count(self, tokens: torch.Tensor, sentence_ids: torch.Tensor, g: torch.Generator) -> int:
+        """How many examples :meth:`build` gives for the same inputs and generator state."""
+        return int(self.subsample(tokens, sentence_ids, g)[0].shape[0])
 
-    def build(self, seed: int, epoch: int) -> EpochExamples:
-        g = self.generator(seed, epoch)
-        tokens, sentence_ids = self.subsample(g)
+    def build(self, tokens: torch.Tensor, sentence_ids: torch.Tensor,
+              g: torch.Generator) -> ChunkExamples:
+        """``tokens`` (int32) and each token's sentence number, sentences whole and in order."""
+        tokens, sentence_ids = self.subsample(tokens, sentence_ids, g)
         centers, contexts, num_contexts = self.windows(tokens, sentence_ids, g)
-        return EpochExamples(
+        return ChunkExamples(
             centers=centers,
             contexts_negatives=self.build_layout(contexts, num_contexts, g),
             num_contexts=num_contexts,
             num_negatives=self.cfg.num_negatives,
         )
 
-    def subsample(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def subsample(self, tokens: torch.Tensor, sentence_ids: torch.Tensor,
+                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Drop frequent words at random, then sentences left with fewer than 2 words."""
-        draw = torch.rand(self.tokens.shape, generator=g, device=self.device, dtype=torch.float64)
-        kept = draw < self.keep_probability[self.tokens]
-        tokens, sentence_ids = self.tokens[kept], self.sentence_ids[kept]
+        draw = torch.rand(tokens.shape, generator=g, device=self.device, dtype=torch.float64)
+        kept = draw < self.keep_probability[tokens]
+        tokens, sentence_ids = tokens[kept], sentence_ids[kept]
         _, inverse, lengths = torch.unique_consecutive(
             sentence_ids, return_inverse=True, return_counts=True
         )
@@ -187,43 +194,45 @@ class ExampleBuilder:
         coin = torch.rand(count, generator=g, device=self.device)
         return torch.where(coin < self.alias_probability[column], column, self.alias[column])
 
+    def draw_negatives(self, contexts: torch.Tensor, num_contexts: torch.Tensor,
+                       g: torch.Generator) -> torch.Tensor:
+        """K noise words per context, row after row, none equal to one of its row's contexts.
+
+        Only the negatives are compared (with their own row's contexts, a window column at a
+        time); a draw that hits a context is redrawn (d2l's rejection), in rounds over the
+        draws that clashed. Padding holds 0, which is never drawn, so it never clashes.
+        """
+        per_row = num_contexts * self.cfg.num_negatives
+        row = torch.repeat_interleave(torch.arange(contexts.shape[0], device=self.device),
+                                      per_row)
+        negatives = self.draw_noise(int(row.shape[0]), g)
+        pending = None  # None: every draw (the first round)
+        for _ in range(MAX_REJECTION_ROUNDS):
+            rows = row if pending is None else row[pending]
+            drawn = negatives if pending is None else negatives[pending]
+            clash = torch.zeros_like(drawn, dtype=torch.bool)
+            for j in range(contexts.shape[1]):  # a loop over window slots, not over tokens
+                clash |= contexts[:, j].index_select(0, rows) == drawn
+            pending = clash.nonzero().squeeze(1) if pending is None else pending[clash]
+            if pending.numel() == 0:
+                return negatives
+            negatives[pending] = self.draw_noise(int(pending.numel()), g)
+        raise UserError(
+            "cannot draw negatives that differ from the contexts: the vocabulary is too "
+            "small; lower data.min_count or use a larger corpus"
+        )
+
     def build_layout(
         self, contexts: torch.Tensor, num_contexts: torch.Tensor, g: torch.Generator
     ) -> torch.Tensor:
-        """The padded (N, L) rows: n contexts, then n·K negatives, then 0.
-
-        Negatives are iid, so they are drawn straight into their slots; a draw equal to one of
-        the row's contexts is redrawn (d2l's rejection), in rounds over the rows that clashed.
-        """
+        """The padded (N, L) rows: n contexts, then n·K negatives, then 0."""
         k = self.cfg.num_negatives
-        n_rows, ctx_width = contexts.shape
         slots = torch.arange(self.width, device=self.device)
         n = num_contexts.unsqueeze(1)
+        layout = torch.zeros((contexts.shape[0], self.width), dtype=torch.int32,
+                             device=self.device)
         is_negative = (slots >= n) & (slots < n * (1 + k))
-        layout = torch.zeros((n_rows, self.width), dtype=torch.int32, device=self.device)
-        layout.masked_scatter_(is_negative, self.draw_noise(int(num_contexts.sum()) * k, g))
-        rows = None  # None: every row (saves copying the whole layout in the first round)
-        for _ in range(MAX_REJECTION_ROUNDS):
-            sub_layout = layout if rows is None else layout[rows]
-            sub_contexts = contexts if rows is None else contexts[rows]
-            sub_negative = is_negative if rows is None else is_negative[rows]
-            clash = torch.zeros_like(sub_negative)
-            for j in range(ctx_width):  # a loop over window slots, not over tokens
-                clash |= sub_layout == sub_contexts[:, j : j + 1]
-            clash &= sub_negative
-            clashing_rows = clash.any(1)
-            if not bool(clashing_rows.any()):
-                break
-            sub_layout.masked_scatter_(clash, self.draw_noise(int(torch.count_nonzero(clash)), g))
-            if rows is None:
-                rows = clashing_rows.nonzero().squeeze(1)
-            else:
-                layout[rows] = sub_layout
-                rows = rows[clashing_rows]
-        else:
-            raise UserError(
-                "cannot draw negatives that differ from the contexts: the vocabulary is too "
-                "small; lower data.min_count or use a larger corpus"
-            )
+        layout.masked_scatter_(is_negative, self.draw_negatives(contexts, num_contexts, g))
+        ctx_width = contexts.shape[1]
         layout[:, :ctx_width] = torch.where(slots[:ctx_width] < n, contexts, layout[:, :ctx_width])
         return layout

@@ -168,6 +168,11 @@ class SkipGramLoss(torch.autograd.Function):
         word_rows, word_position = unique_rows(pairs.word, context_weight.shape[0])
         v = center_weight.index_select(0, centers.to(torch.int64))  # (B, D)
         u = context_weight.index_select(0, word_rows)  # (unique words, D)
+        if kernel == "csr" and pairs.word.shape[0] > v.shape[0] * u.shape[0]:
+            # sampled_addmm fails ("copy_: ... same number of specified elements") when a
+            # pattern with repeated columns holds more entries than its dense shape: tiny
+            # batches, such as the tail of an epoch. Host-side shapes, so no sync.
+            kernel = "index"
         scores = pair_scores(kernel, pairs, word_position, v, u)
         # BCE with logits: softplus(-x) for a context (label 1), softplus(x) for a negative.
         pair_loss = F.softplus(scores * (1.0 - 2.0 * pairs.is_context))

@@ -222,17 +222,27 @@ def broadcast_flag(env: DistEnv, flag: bool) -> bool:
     return bool(t.item())
 
 
-def on_main_rank(env: DistEnv, action: Callable[[], None]) -> None:
+def on_main_rank(env: DistEnv, action: Callable[[], object]) -> None:
     """Run ``action`` on rank 0 only; every rank returns after it, or raises its UserError.
 
     A plain barrier would leave the other ranks waiting forever when rank 0 fails; the outcome
     travels through a collective instead, and every rank stops with the same one-line error.
     """
+    _on_some_ranks(env, env.is_main, action)
+
+
+def on_node_main(env: DistEnv, action: Callable[[], object]) -> None:
+    """Like :func:`on_main_rank`, on the first process of every node (local rank 0): for
+    node-local work such as filling a cache that other nodes may not share."""
+    _on_some_ranks(env, env.local_rank == 0, action)
+
+
+def _on_some_ranks(env: DistEnv, chosen: bool, action: Callable[[], object]) -> None:
     error: UserError | None = None
-    if env.is_main:
+    if chosen:
         try:
             action()
         except UserError as exc:
             error = exc
     if broadcast_flag(env, error is not None):
-        raise error or UserError("rank 0 failed to prepare the run; see its log")
+        raise error or UserError("another rank failed to prepare the run; see its log")

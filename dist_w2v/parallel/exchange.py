@@ -17,6 +17,8 @@ DDP does not divide by the world size when a hook is registered; the hooks do.
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's
 # annotations with the real dist.GradBucket / Future[Tensor] objects and rejects strings.
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -94,23 +96,57 @@ def dense_exchange(grad: torch.Tensor, group: dist.ProcessGroup | None = None) -
                                    check_invariants=False)
 
 
-def resolve_exchange(requested: str, backend: str) -> str:
-    if requested == "auto":
-        return "allgather" if backend == "nccl" else "allreduce"
+# Above this, a dense exchange is refused: bytes per step of one table as a dense buffer. At
+# 64 MB (160k words at D=100) it already moves 10x what a B=4096 sparse exchange does.
+DENSE_EXCHANGE_LIMIT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ExchangeShape:
+    """What decides the bytes an exchange sends per table and step."""
+
+    vocab_size: int
+    dim: int
+    rows_per_rank: int
+    """An estimate of the rows one rank's batch touches (before capping at the vocabulary)."""
+    world_size: int
+
+    def bytes(self, kind: str) -> int:
+        if kind == "dense":
+            return self.vocab_size * (self.dim + 1) * 4
+        # Sparse: every rank receives every rank's rows (index + D float32 values).
+        return self.world_size * min(self.vocab_size, self.rows_per_rank) * (self.dim * 4 + 8)
+
+
+def resolve_exchange(requested: str, backend: str, shape: ExchangeShape | None = None) -> str:
+    """The exchange to use. ``auto`` takes the one that sends fewer bytes (with no shape: the
+    sparse one of the backend); ``dense`` is refused where the table is too large for it."""
+    sparse = "allgather" if backend == "nccl" else "allreduce"
     if requested == "allreduce" and backend == "nccl":
         raise UserError(
             "dist.grad_exchange=allreduce needs gloo: NCCL has no sparse allreduce; "
             "use allgather or dense (or auto)"
         )
+    if shape is None:
+        return sparse if requested == "auto" else requested
+    if requested == "auto":
+        return "dense" if shape.bytes("dense") < shape.bytes(sparse) else sparse
+    if requested == "dense" and shape.bytes("dense") > DENSE_EXCHANGE_LIMIT_BYTES:
+        raise UserError(
+            f"dist.grad_exchange=dense would all-reduce {shape.bytes('dense') >> 20} MB per table "
+            f"and step ({shape.vocab_size} words x {shape.dim}); use dist.grad_exchange=auto or "
+            f"{sparse}"
+        )
     return requested
 
 
-def wrap_model(model: nn.Module, env: DistEnv, exchange: str) -> nn.Module:
+def wrap_model(model: nn.Module, env: DistEnv, exchange: str,
+               shape: ExchangeShape | None = None) -> nn.Module:
     """DDP-wrap ``model`` with the chosen sparse gradient exchange; unwrapped for one process."""
     if not env.distributed:
         return model
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    chosen = resolve_exchange(exchange, env.backend or "gloo")
+    chosen = resolve_exchange(exchange, env.backend or "gloo", shape)
     if chosen == "allgather":
         ddp.register_comm_hook(None, allgather_sparse_hook)
     elif chosen == "dense":

@@ -1,7 +1,8 @@
-"""The training loop: build an epoch, step through this rank's shard, log, evaluate, checkpoint.
+"""The training loop: step through this rank's stream of batches, log, evaluate, checkpoint.
 
 Resume semantics: the model, the optimizer, (epoch, step) and the loss accumulators are saved;
-everything random is a pure function of (seed, epoch), so a resumed run continues the same run.
+the stream and everything random in it are pure functions of (seed, epoch, step) (data/stream.py),
+so a resumed run continues the same run.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import numpy as np
 import torch
 
 from dist_w2v.config import Config
-from dist_w2v.data.corpus import Vocab, load_corpus
-from dist_w2v.data.examples import EpochExamples, ExampleBuilder
-from dist_w2v.data.sharding import EpochSharder, ShardPlan
+from dist_w2v.data.examples import Batch, ExampleBuilder
+from dist_w2v.data.prepared import PreparedCorpus
+from dist_w2v.data.stream import EpochPlan, RankStream
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
 from dist_w2v.parallel.env import DistEnv, all_sum, barrier, broadcast_flag
-from dist_w2v.parallel.exchange import wrap_model
+from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found
 from dist_w2v.train.optim import build_optimizer, set_learning_rate
 from dist_w2v.train.stop import StopRequest
@@ -67,7 +69,7 @@ def init_model(vocab_size: int, cfg: Config, device: torch.device) -> SkipGram:
 
 def checkpoint_payload(
     model: SkipGram, optimizer: torch.optim.Optimizer, state: TrainState, vocab: Vocab, cfg: Config,
-    world_size: int,
+    corpus: PreparedCorpus,
 ) -> dict[str, Any]:
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -75,7 +77,8 @@ def checkpoint_payload(
         "state": asdict(state),
         "vocab": vocab.to_dict(),
         "config": cfg.to_dict(),
-        "world_size": world_size,
+        # (epoch, step) in the state is the stream position; this names the stream it is in.
+        "corpus": corpus.fingerprint,
     }
 
 
@@ -84,20 +87,27 @@ def checkpoint_payload(
 # (epochs, lr, logging, checkpoint policy, device, world size) may change on resume; the
 # sharding does not depend on the world size.
 RUN_DEFINING_KEYS = (
-    "data.max_sentences", "data.min_count", "data.subsample_t", "data.max_window",
-    "data.num_negatives", "data.resample_each_epoch", "model.dim", "train.batch_size",
-    "train.seed", "train.optimizer",
+    "data.subsample_t", "data.max_window", "data.num_negatives", "data.resample_each_epoch",
+    "data.shards", "data.chunk_tokens", "model.dim", "train.batch_size", "train.seed",
+    "train.optimizer",
 )
 
 
-def check_compatible(found: Found, vocab: Vocab, cfg: Config) -> None:
+def check_compatible(found: Found, corpus: PreparedCorpus, cfg: Config) -> None:
     """Refuse a checkpoint of another run, naming the setting that differs."""
     payload = found.payload
     saved_vocab = payload["vocab"]["idx_to_token"]
-    if saved_vocab != vocab.idx_to_token:
+    if saved_vocab != corpus.vocab.idx_to_token:
         raise UserError(
             f"checkpoint {found.path} was trained on a different vocabulary ({len(saved_vocab)} "
-            f"words, this corpus gives {len(vocab)}); resume with the same corpus and data settings"
+            f"words, this corpus gives {len(corpus.vocab)}); resume with the same corpus and "
+            "data settings"
+        )
+    if payload.get("corpus", corpus.fingerprint) != corpus.fingerprint:
+        raise UserError(
+            f"checkpoint {found.path} was trained on another corpus (token file checksum "
+            f"{str(payload['corpus'])[:12]}..., this one {corpus.fingerprint[:12]}...); resume "
+            "on the same corpus, or start a new --run-dir"
         )
     saved, current = payload["config"], cfg.to_dict()
     for key in RUN_DEFINING_KEYS:
@@ -110,13 +120,17 @@ def check_compatible(found: Found, vocab: Vocab, cfg: Config) -> None:
             )
 
 
-def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer, vocab: Vocab,
-            cfg: Config) -> TrainState:
+def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer,
+            corpus: PreparedCorpus, cfg: Config) -> TrainState:
     """Load a checkpoint into the model and optimizer after checking it fits this run."""
-    check_compatible(found, vocab, cfg)
+    check_compatible(found, corpus, cfg)
     model.load_state_dict(found.payload["model"])
     optimizer.load_state_dict(found.payload["optimizer"])
     return TrainState(**found.payload["state"])
+
+
+class Diverged(UserError):
+    """The loss or a table is no longer finite: the run stops before saving anything of it."""
 
 
 class Trainer:
@@ -127,6 +141,7 @@ class Trainer:
         cfg: Config,
         env: DistEnv,
         run_dir: Path,
+        corpus: PreparedCorpus,
         logger: Any = None,
         evaluate: Callable[[SkipGram, int, int], dict[str, Any]] | None = None,
         stop: StopRequest | None = None,
@@ -137,15 +152,15 @@ class Trainer:
         self.log = logger or NullLogger()
         self.evaluate = evaluate
         self.stop = stop or StopRequest()
-        corpus, self.vocab = load_corpus(cfg.data)
-        self.builder = ExampleBuilder(corpus, self.vocab, cfg.data, env.device)
+        self.corpus = corpus
+        self.vocab = corpus.vocab
+        builder = ExampleBuilder(self.vocab, cfg.data, env.device)
+        self.stream = RankStream(corpus, builder, cfg.data, cfg.train.seed, cfg.train.batch_size,
+                                 env.world_size, env.rank, lambda t: all_sum(env, t))
         self.model = init_model(len(self.vocab), cfg, env.device)
         self.optimizer = build_optimizer(cfg.train, self.model)
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, env, say=self.log.info)
-        self.sharder = EpochSharder(cfg.train.seed, cfg.train.batch_size, env.world_size, env.rank,
-                                    env.device)
         self.state = TrainState()
-        self._fixed_examples: EpochExamples | None = None
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -154,7 +169,7 @@ class Trainer:
         history of the run being continued (nothing, for a fresh start)."""
         found = self.checkpointer.resolve(resume)
         if found is not None:
-            self.state = restore(found, self.model, self.optimizer, self.vocab, self.cfg)
+            self.state = restore(found, self.model, self.optimizer, self.corpus, self.cfg)
             self.log.info(f"resumed from {found.path} at epoch {self.state.epoch + 1}, "
                           f"step {self.state.step}")
             barrier(self.env)  # every rank has read it before rank 0 renames newer files
@@ -165,38 +180,49 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def epoch_examples(self, epoch: int) -> EpochExamples:
-        if self.cfg.data.resample_each_epoch:
-            return self.builder.build(self.cfg.train.seed, epoch)
-        if self._fixed_examples is None:
-            self._fixed_examples = self.builder.build(self.cfg.train.seed, 0)
-        return self._fixed_examples
-
     def fit(self) -> TrainResult:
-        ddp = wrap_model(self.model, self.env, self.cfg.dist.grad_exchange)
+        ddp = wrap_model(self.model, self.env, self.cfg.dist.grad_exchange, self.exchange_shape())
         if self.cfg.train.compile:
             ddp = torch.compile(ddp)
         stopped = False
-        while self.state.epoch < self.cfg.train.epochs and not stopped:
-            stopped = self.run_epoch(ddp)
-        if not stopped and self.env.is_main:
-            save_outputs(self.run_dir, self.embeddings())
+        try:
+            while (self.state.epoch < self.cfg.train.epochs and not stopped
+                   and not self.out_of_steps()):
+                stopped = self.run_epoch(ddp)
+        finally:
+            self.stream.close()
+        if not stopped:
+            self.check_finite_tables()
+            if self.env.is_main:
+                save_outputs(self.run_dir, self.embeddings())
         barrier(self.env)
         return TrainResult(self.state, stopped, self.model)
+
+    def exchange_shape(self) -> ExchangeShape:
+        data = self.cfg.data
+        # A center and its pairs: about (max_window + 1) contexts, each with K negatives.
+        rows_per_example = 1 + (data.max_window + 1) * (1 + data.num_negatives)
+        per_rank = self.cfg.train.batch_size // self.env.world_size
+        return ExchangeShape(len(self.vocab), self.cfg.model.dim, per_rank * rows_per_example,
+                             self.env.world_size)
+
+    def out_of_steps(self) -> bool:
+        return 0 < self.cfg.train.max_steps <= self.state.global_step
 
     def run_epoch(self, ddp: torch.nn.Module) -> bool:
         """Train the rest of the current epoch; True when a stop request ended it early."""
         started = time.perf_counter()
         epoch = self.state.epoch
-        examples = self.epoch_examples(epoch)
-        self.sharder.set_epoch(epoch)
-        plan = self.sharder.plan(len(examples))
+        plan = self.stream.start_epoch(epoch, self.state.step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_examples, window_started = 0, time.perf_counter()
-        while self.state.step < len(plan):
+        while self.state.step < plan.num_steps:
             self.maybe_fail()
-            batch_loss = self.train_step(ddp, examples, plan, epoch)
+            batch = self.stream.next_batch()
+            if epoch + 1 < self.cfg.train.epochs:
+                self.stream.prefetch(epoch + 1)  # after this epoch's chunks are under way
+            batch_loss = self.train_step(ddp, batch, plan, epoch)
             loss_sum += batch_loss
             window_loss += batch_loss
             global_size = plan.global_batch_size(self.state.step)
@@ -206,7 +232,7 @@ class Trainer:
             self.state.epoch_examples += global_size
             # Global steps: an epoch may be shorter than the interval (large global batches).
             if self.state.global_step % self.cfg.log.every_steps == 0:
-                self.log_window(window_loss, window_examples, window_started, len(plan))
+                self.log_window(window_loss, window_examples, window_started, plan.num_steps)
                 window_loss.zero_()
                 window_examples, window_started = 0, time.perf_counter()
             if self.stop_agreed():
@@ -215,26 +241,29 @@ class Trainer:
                 self.log.info(f"stopped by {self.stop.reason} at step {self.state.global_step}; "
                               "checkpoint saved, continue with --resume auto")
                 return True
-            if self.checkpointer.due(self.state.global_step) and self.state.step < len(plan):
+            if self.out_of_steps():
+                self.fold_epoch_loss(loss_sum, started)
+                self.finish_epoch(complete=False)
+                return False
+            if self.checkpointer.due(self.state.global_step) and self.state.step < plan.num_steps:
                 self.fold_epoch_loss(loss_sum, started)
                 loss_sum.zero_()
                 self.save_checkpoint()
                 started = time.perf_counter()  # checkpoint writes are not training time
         self.fold_epoch_loss(loss_sum, started)
-        self.finish_epoch()
+        self.finish_epoch(complete=True)
         return False
 
-    def train_step(self, ddp: torch.nn.Module, examples: EpochExamples, plan: ShardPlan,
+    def train_step(self, ddp: torch.nn.Module, batch: Batch, plan: EpochPlan,
                    epoch: int) -> torch.Tensor:
         """One optimizer step on this rank's slice; returns the slice's summed loss (on device)."""
         step = self.state.step
-        batch = examples.batch(plan.indices(step))
-        progress = (epoch + step / len(plan)) / self.cfg.train.epochs
+        progress = (epoch + step / plan.num_steps) / self.cfg.train.epochs
         set_learning_rate(self.optimizer, self.cfg.train, progress)
         per_example = ddp(batch.centers, batch.contexts_negatives, batch.num_contexts,
                           batch.num_negatives)
         # Sum scaled by W / global batch: DDP's mean over ranks then equals the global batch's
-        # per-example mean, also for a short last batch split unevenly across ranks.
+        # per-example mean, also for a tail batch that the shards fill unevenly.
         scale = self.env.world_size / plan.global_batch_size(step)
         self.optimizer.zero_grad(set_to_none=True)
         (per_example.sum() * scale).backward()
@@ -243,14 +272,15 @@ class Trainer:
 
     def log_window(self, window_loss: torch.Tensor, window_examples: int, window_started: float,
                    steps_in_epoch: int) -> None:
-        total = all_sum(self.env, window_loss.clone())
+        total = float(all_sum(self.env, window_loss.clone()))
+        self.check_finite_loss(total)
         seconds = time.perf_counter() - window_started
         record = {
             "epoch": self.state.epoch,
             "step": self.state.step,
             "steps_in_epoch": steps_in_epoch,
             "global_step": self.state.global_step,
-            "loss": float(total) / max(window_examples, 1),
+            "loss": total / max(window_examples, 1),
             "center_words_per_s": window_examples / max(seconds, 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
@@ -260,24 +290,52 @@ class Trainer:
     def fold_epoch_loss(self, loss_sum: torch.Tensor, started: float) -> None:
         """Move the device-side loss sum of this stretch into the (host, global) state."""
         total = float(all_sum(self.env, loss_sum.clone()))
+        self.check_finite_loss(total)
         self.state.epoch_loss_sum += total
         self.state.epoch_seconds += time.perf_counter() - started
 
-    def finish_epoch(self) -> None:
+    def check_finite_loss(self, loss_sum: float) -> None:
+        """Every rank holds the same all-reduced sum, so every rank stops together."""
+        if not np.isfinite(loss_sum):
+            self.diverged("the loss")
+
+    def check_finite_tables(self) -> None:
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if broadcast_flag(self.env, not finite):
+            self.diverged("an embedding table")
+
+    def diverged(self, what: str) -> None:
+        saved = self.checkpointer.checkpoints()
+        last = f"the last good checkpoint is {saved[0]}" if saved else "no checkpoint was saved"
+        raise Diverged(
+            f"training diverged: {what} is not finite at step {self.state.global_step} "
+            f"(lr {self.optimizer.param_groups[0]['lr']:g}); {last}; lower train.lr and "
+            "resume from it or start again"
+        )
+
+    def finish_epoch(self, complete: bool) -> None:
+        """Log the epoch; a complete one is also evaluated and checkpointed, and the next
+        begins. An incomplete one (train.max_steps) ends the run where it stands."""
         s = self.state
-        s.loss_sum_total += s.epoch_loss_sum
-        s.examples_total += s.epoch_examples
+        self.check_finite_tables()
         record = {
             "epoch": s.epoch + 1,
             "global_step": s.global_step,
             "loss": s.epoch_loss_sum / max(s.epoch_examples, 1),
-            "loss_cumulative": s.loss_sum_total / max(s.examples_total, 1),
+            "loss_cumulative": (s.loss_sum_total + s.epoch_loss_sum)
+            / max(s.examples_total + s.epoch_examples, 1),
             "center_words": s.epoch_examples,
             "center_words_per_s": s.epoch_examples / max(s.epoch_seconds, 1e-9),
             "seconds": s.epoch_seconds,
+            "complete": complete,
         }
         s.history.append({"kind": "epoch", **record})
         self.log.log_epoch(record)
+        if not complete:
+            self.save_checkpoint()
+            return
+        s.loss_sum_total += s.epoch_loss_sum
+        s.examples_total += s.epoch_examples
         s.epoch += 1
         s.step = 0
         s.epoch_loss_sum, s.epoch_examples, s.epoch_seconds = 0.0, 0, 0.0
@@ -299,7 +357,7 @@ class Trainer:
         payload = None
         if self.env.is_main:
             payload = checkpoint_payload(self.model, self.optimizer, self.state, self.vocab,
-                                         self.cfg, self.env.world_size)
+                                         self.cfg, self.corpus)
         self.checkpointer.save(payload or {}, self.state.global_step)
 
     def stop_agreed(self) -> bool:

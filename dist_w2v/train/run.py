@@ -6,11 +6,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from dist_w2v.config import Config, load_config
-from dist_w2v.data.corpus import Vocab, corpus_path
+from dist_w2v.data.prepared import PreparedCorpus, load_prepared
+from dist_w2v.data.sources import prepared_dir_for
+from dist_w2v.data.stream import check_shards
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
-from dist_w2v.parallel.env import DistEnv, distributed, on_main_rank
+from dist_w2v.parallel.env import DistEnv, distributed, on_main_rank, on_node_main, user_dirs
 from dist_w2v.train.checkpoint import Checkpointer
 from dist_w2v.train.loop import Trainer
 from dist_w2v.train.stop import StopRequest, requeue_slurm_job
@@ -55,21 +58,31 @@ def make_evaluator(cfg: Config, vocab: Vocab, say: Callable[[str], None]) -> Tra
     return TrainingEvaluator(vocab, cfg.eval.probes, cfg.eval.k, say)
 
 
+def open_corpus(cfg: Config, env: DistEnv, environ: Mapping[str, str],
+                say: Callable[[str], None]) -> PreparedCorpus:
+    """The prepared corpus to train on. One process per node prepares (or downloads) it into
+    the cache when needed; the others then find it there."""
+    dirs = user_dirs(environ)
+    on_node_main(env, lambda: prepared_dir_for(cfg.data, dirs, say))
+    return load_prepared(prepared_dir_for(cfg.data, dirs, say))
+
+
 def run_train(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
               environ: Mapping[str, str]) -> int:
     cfg = load_config(config_path, overrides)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     with StopRequest() as stop, distributed(cfg, environ) as env:
+        check_shards(cfg.data, cfg.train.batch_size, env.world_size)
         logger = make_logger(cfg, env, run_path)
-        # Rank 0 alone fetches PTB when it is missing, so ranks never race on the same files.
-        on_main_rank(env, lambda: corpus_path(cfg.data))
-        trainer = Trainer(cfg, env, run_path, logger, stop=stop)
+        corpus = open_corpus(cfg, env, environ, logger.info)
+        trainer = Trainer(cfg, env, run_path, corpus, logger, stop=stop)
         resume = effective_resume(resume, env, trainer.checkpointer)
         prepare_run_dir(run_path, cfg, env)
         logger.use_wandb(start_wandb(cfg, env, run_path, resume is not None, environ))
         trainer.evaluate = make_evaluator(cfg, trainer.vocab, logger.info)
         logger.info(
-            f"dist-w2v: {len(trainer.vocab)} words, world size {env.world_size} "
+            f"dist-w2v: {len(trainer.vocab)} words, {corpus.num_tokens} tokens, world size "
+            f"{env.world_size} "
             f"({env.backend or 'single process'}), device {env.device}, run dir {run_path}"
         )
         try:
