@@ -63,10 +63,36 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    from dist_w2v.data.prepared import PrepareSettings
+
+    defaults = PrepareSettings()
+    p = sub.add_parser(
+        "prepare", help="count, encode and write a text corpus for training (data.prepared)",
+        description="Whitespace-tokenized text, one sentence per line (files, folders of "
+                    "files, .gz/.bz2/.xz), into a prepared corpus folder that "
+                    "data.prepared=DIR trains on.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file or folder of them")
+    p.add_argument("--out", required=True, help="folder to write (vocab.txt, tokens.bin, ...)")
+    p.add_argument("--min-count", type=int, default=defaults.min_count,
+                   help="drop words seen fewer times (default %(default)s)")
+    p.add_argument("--max-vocab", type=int, default=defaults.max_vocab,
+                   help="keep only the N most frequent words, <unk> aside (0 = all; default)")
+    p.add_argument("--max-sentence-length", type=int, default=defaults.max_sentence_length,
+                   help="cut longer lines into pieces of this many tokens (default %(default)s)")
+    p.add_argument("--max-sentences", type=int, default=defaults.max_sentences,
+                   help="read only the first N lines (0 = all; default); for smoke runs")
+    p.add_argument("--workers", type=int, default=0,
+                   help="threads (default: the cores this process may use)")
+    p.add_argument("--force", action="store_true", help="prepare again even if up to date")
+    p.set_defaults(func=cmd_prepare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-w2v", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_prepare(sub)
     _add_similar(sub)
     _add_eval(sub)
     _add_export(sub)
@@ -78,6 +104,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_w2v.train.run import run_train
 
     return run_train(args.config, args.overrides, args.run_dir, args.resume, os.environ)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from dist_w2v.data.prepare import prepare
+    from dist_w2v.data.prepared import PrepareSettings
+
+    if args.workers < 0:
+        raise UserError("--workers must be >= 0 (0 = the usable cores)")
+    settings = PrepareSettings(args.min_count, args.max_vocab, args.max_sentence_length,
+                               args.max_sentences)
+    prepare(args.inputs, args.out, settings, args.workers, force=args.force)
+    return 0
 
 
 def cmd_similar(args: argparse.Namespace) -> int:
