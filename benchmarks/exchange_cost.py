@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_w2v.data.sources import prepared_dir_for
 
 from dist_w2v.config import load_config
-from dist_w2v.parallel.env import DistEnv
+from dist_w2v.data.prepared import load_prepared
+from dist_w2v.parallel.env import DistEnv, user_dirs
 from dist_w2v.parallel.exchange import allgather_sparse, dense_exchange, wrap_model
 from dist_w2v.train.loop import Trainer, init_model
 from dist_w2v.train.optim import build_optimizer
@@ -86,16 +88,16 @@ def fresh_model(trainer: Trainer) -> None:
     trainer.optimizer = build_optimizer(trainer.cfg.train, trainer.model)
 
 
-def timed_steps(trainer: Trainer, module: torch.nn.Module, examples, plan, steps: int,
+def timed_steps(trainer: Trainer, module: torch.nn.Module, batches, plan, steps: int,
                 warmup: int, first: int, timer: TimedExchange | None = None) -> list[float]:
     """Step times after ``warmup`` untimed steps; ``timer`` records only the timed steps."""
     seconds = []
     for i in range(warmup + steps):
         if timer is not None:
             timer.recording = i >= warmup
-        trainer.state.step = (first + i) % len(plan)
+        trainer.state.step = (first + i) % len(batches)
         started = time.perf_counter()
-        trainer.train_step(module, examples, plan, epoch=0)
+        trainer.train_step(module, batches[trainer.state.step], plan, epoch=0)
         if i >= warmup:
             seconds.append(time.perf_counter() - started)
     if timer is not None:
@@ -113,9 +115,10 @@ def measure(rank: int, args: argparse.Namespace, workdir: str) -> None:
         for batch_size in args.batch_sizes:
             cfg = load_config(args.config, [*args.overrides, f"train.batch_size={batch_size}",
                                             "train.threads=1"])
-            trainer = Trainer(cfg, env, Path(workdir) / "run")
-            examples = trainer.epoch_examples(0)
-            plan = trainer.sharder.plan(len(examples))
+            corpus = load_prepared(prepared_dir_for(cfg.data, user_dirs(), print))
+            trainer = Trainer(cfg, env, Path(workdir) / "run", corpus)
+            plan = trainer.stream.start_epoch(0)
+            examples = [trainer.stream.next_batch() for _ in range(plan.num_steps - 1)]
             step_s = {name: [] for name in ("none", *EXCHANGES)}
             timers = {name: TimedExchange(EXCHANGE_FUNCTIONS[name]) for name in EXCHANGES}
             for round_index in range(args.rounds):

@@ -40,12 +40,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from dist_w2v.data.sources import prepared_dir_for, ptb_split_path
 
 from dist_w2v.config import Config, load_config
-from dist_w2v.data.corpus import Vocab, build_vocab, corpus_path, encode, read_sentences
 from dist_w2v.data.examples import ExampleBuilder
+from dist_w2v.data.prepared import load_prepared
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.evaluate import evaluation_report, json_safe, load_benchmarks
+from dist_w2v.parallel.env import user_dirs
 
 PROBES = ["chip"]
 VALID_SEED = 20_240_601
@@ -111,10 +114,8 @@ def training_summary(run_dir: Path) -> dict[str, float]:
 
 def unk_free_sentences(cfg: Config) -> tuple[list[list[str]], Vocab]:
     """The training sentences with every out-of-vocabulary token (and <unk>) removed."""
-    sentences = read_sentences(corpus_path(cfg.data), cfg.data.max_sentences)
-    vocab = build_vocab(sentences, cfg.data.min_count)
-    known = vocab.token_to_idx
-    return [[t for t in s if known.get(t, 0) != 0] for s in sentences], vocab
+    corpus = load_prepared(prepared_dir_for(cfg.data, user_dirs(), print))
+    return corpus.word_sentences(), corpus.vocab
 
 
 def train_gensim(cfg: Config, sentences: list[list[str]], seed: int, workers: int):
@@ -140,11 +141,20 @@ def in_vocab_order(keys: dict[str, int], table: np.ndarray, vocab: Vocab) -> np.
 # -- the same held-out loss for both ------------------------------------------------------------
 
 
+def encode(path: Path, vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small text file's known tokens (int32) and each token's sentence number."""
+    ids = [[vocab[w] for w in line.split()] for line in path.read_text().splitlines()]
+    ids = [[i for i in s if i != 0] for s in ids]
+    tokens = torch.tensor([i for s in ids for i in s], dtype=torch.int32)
+    sentences = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor([len(s) for s in ids]))
+    return tokens, sentences
+
+
 def valid_loss(center: np.ndarray, context: np.ndarray, vocab: Vocab, cfg: Config) -> float:
     """Mean per-center d2l loss of the tables on one sampled epoch of ptb.valid.txt."""
-    sentences = read_sentences(corpus_path(cfg.data, "valid"))
-    builder = ExampleBuilder(encode(sentences, vocab), vocab, cfg.data, torch.device("cpu"))
-    examples = builder.build(VALID_SEED, 0)
+    tokens, sentences = encode(ptb_split_path(cfg.data, user_dirs(), "valid"), vocab)
+    builder = ExampleBuilder(vocab, cfg.data, torch.device("cpu"))
+    examples = builder.build(tokens, sentences, torch.Generator().manual_seed(VALID_SEED))
     model = SkipGram(len(vocab), center.shape[1])
     model.center.weight.data = torch.from_numpy(center)
     model.context.weight.data = torch.from_numpy(context)

@@ -20,11 +20,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from dist_w2v.data.sources import prepared_dir_for
 
 from dist_w2v.config import load_config
-from dist_w2v.data.corpus import load_corpus
-from dist_w2v.data.examples import EpochExamples, ExampleBuilder
+from dist_w2v.data.examples import ChunkExamples, ExampleBuilder
+from dist_w2v.data.prepared import load_prepared
+from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.model.skipgram import SkipGram
+from dist_w2v.parallel.env import user_dirs
 from dist_w2v.train.optim import build_optimizer
 
 PHASES = ("sampling", "slice", "forward", "backward", "coalesce", "optimizer")
@@ -61,7 +64,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(setup: Setup, examples: EpochExamples, order: torch.Tensor, steps: int,
+def time_steps(setup: Setup, examples: ChunkExamples, order: torch.Tensor, steps: int,
                sampling_per_step: float, device: torch.device) -> dict[str, float]:
     """Per-phase median milliseconds over ``steps`` consecutive steps of this setup."""
     spent: dict[str, list[float]] = {phase: [] for phase in PHASES}
@@ -120,12 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = load_config(None, [f"data.max_sentences={args.max_sentences}"])
-    corpus, vocab = load_corpus(cfg.data)
-    builder = ExampleBuilder(corpus, vocab, cfg.data, device)
-    builder.build(cfg.train.seed, 0)  # warm-up
+    corpus = load_prepared(prepared_dir_for(cfg.data, user_dirs(), print))
+    vocab = corpus.vocab
+    source = ChunkSource(corpus, ExampleBuilder(vocab, cfg.data, device), cfg.train.seed, True)
+    source.build(whole_corpus(corpus), 0)  # warm-up
     sync(device)
     started = time.perf_counter()
-    examples = builder.build(cfg.train.seed, 1)
+    examples, _ = source.build(whole_corpus(corpus), 1)
     sync(device)
     build_ms = (time.perf_counter() - started) * 1e3
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).to(device)

@@ -300,14 +300,17 @@ def gensim_worker(payload: dict[str, Any]) -> SystemResult:
     import numpy as np
 
     from dist_w2v.config import load_config
-    from dist_w2v.data.corpus import Vocab, corpus_path, read_sentences
+    from dist_w2v.data.prepared import load_prepared
+    from dist_w2v.data.sources import prepared_dir_for
+    from dist_w2v.data.vocab import Vocab
+    from dist_w2v.parallel.env import user_dirs
 
     cfg = load_config(payload["config"])
     d = cfg.data
-    # Our pipeline drops unknown words (PTB's own <unk> among them) before anything else;
-    # gensim's min_count drops the rare ones the same way.
-    sentences = [[w for w in s if w != "<unk>"]
-                 for s in read_sentences(corpus_path(d), d.max_sentences)]
+    # The same unk-free sentences our trainer reads (PTB's own <unk> among the unknowns);
+    # gensim's min_count then keeps the same words.
+    corpus = load_prepared(prepared_dir_for(d, user_dirs(), lambda message: None))
+    sentences = corpus.word_sentences()
     model = Word2Vec(vector_size=cfg.model.dim, window=d.max_window, min_count=d.min_count,
                      sample=d.subsample_t, sg=1, negative=d.num_negatives,
                      workers=payload["workers"], seed=cfg.train.seed)

@@ -57,7 +57,7 @@ class DataConfig:
     shards: int = 16
     """Virtual shards S: each is its own stream of chunks, every global batch takes B/S examples
     from each, and rank r of W trains S/W of them. W must divide S, S must divide the batch."""
-    chunk_tokens: int = 262_144
+    chunk_tokens: int = 65_536
     """Sentence-aligned chunk size in tokens: examples are built (and held) one chunk per
     shard at a time, so memory follows this, not the corpus length."""
 

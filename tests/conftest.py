@@ -11,7 +11,7 @@ import pytest
 
 from dist_w2v.config import DataConfig
 from dist_w2v.data.prepared import PreparedCorpus, load_prepared
-from dist_w2v.data.stream import Chunk, ChunkSource
+from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.parallel.env import UserDirs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,11 +82,6 @@ def prepare(data: DataConfig, cache: Path) -> PreparedCorpus:
 @pytest.fixture(scope="session")
 def prepared_ptb(tmp_path_factory: pytest.TempPathFactory, ptb: Path) -> PreparedCorpus:
     return prepare(DataConfig(dir=str(ptb)), tmp_path_factory.mktemp("cache"))
-
-
-def whole_corpus(corpus: PreparedCorpus) -> Chunk:
-    """The whole corpus as one chunk (examples of a whole PTB epoch, as one piece)."""
-    return Chunk(0, 0, corpus.num_tokens, 0, corpus.num_sentences)
 
 
 def one_chunk_examples(corpus: PreparedCorpus, builder, seed: int = 0, epoch: int = 0):

@@ -9,6 +9,8 @@ import pytest
 import yaml
 from conftest import SMOKE, run_cli
 
+from dist_w2v.outputs.metrics import read_metrics
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
@@ -94,3 +96,16 @@ def test_missing_config_file(tmp_path):
 def test_similar_on_a_directory_without_a_run(tmp_path):
     _assert_one_line_error(run_cli("similar", "--run-dir", str(tmp_path), "stock"),
                            "holds no trained embeddings")
+
+
+def test_max_steps_stops_the_run_and_still_writes_its_outputs(tmp_path, small_corpus):
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
+                     f"data.corpus={small_corpus}", *SMOKE, "train.epochs=3", "train.max_steps=7",
+                     "log.every_steps=1")
+    assert result.returncode == 0, result.stderr
+    records = read_metrics(run_dir)
+    assert max(r["global_step"] for r in records) == 7
+    (epoch,) = [r for r in records if r["kind"] == "epoch"]
+    assert epoch["complete"] is False and epoch["center_words"] == 7 * 64
+    assert (run_dir / "center.npy").is_file()

@@ -6,12 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import one_chunk_examples, whole_corpus
+from conftest import one_chunk_examples
 
 from dist_w2v.config import DataConfig
-from dist_w2v.data.corpus import load_corpus, read_sentences
 from dist_w2v.data.examples import ExampleBuilder
-from dist_w2v.data.stream import ChunkSource
+from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 
@@ -142,32 +141,11 @@ def test_chunks_are_a_function_of_seed_epoch_and_chunk(ptb_data):
     assert len(a) != len(d) or not torch.equal(a.contexts_negatives, d.contexts_negatives)
 
 
-def test_max_sentences_trims(tmp_path, ptb):
-    sentences = read_sentences(ptb / "ptb.train.txt", max_sentences=100)
-    assert len(sentences) == 100
-
-
-@pytest.mark.parametrize(
-    "content, message",
-    [("", "empty"), ("\n\n  \n", "empty"), ("a b c\nd e f\n", "no word occurs at least")],
-)
-def test_bad_corpora(tmp_path, content, message):
-    path = tmp_path / "corpus.txt"
-    path.write_text(content)
-    with pytest.raises(UserError, match=message):
-        load_corpus(DataConfig(corpus=str(path)))
-
-
-def test_missing_corpus(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        load_corpus(DataConfig(corpus=str(tmp_path / "nope.txt")))
-
-
 def test_offline_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
-    from dist_w2v.data import corpus
+    from dist_w2v.data import sources
 
     with pytest.raises(UserError, match="put ptb.train.txt"):
-        corpus.download_ptb(tmp_path / "cache", url="http://127.0.0.1:9/ptb.zip")
+        sources.download_ptb(tmp_path / "cache", url="http://127.0.0.1:9/ptb.zip")
 
 
 def _zip_ptb(ptb, path, tamper=False):
@@ -180,18 +158,18 @@ def _zip_ptb(ptb, path, tamper=False):
 
 
 def test_download_unpacks_and_verifies_sha1(tmp_path, ptb):
-    from dist_w2v.data import corpus
+    from dist_w2v.data import sources
 
     _zip_ptb(ptb, tmp_path / "ptb.zip")
-    corpus.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
+    sources.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
     for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
         assert (tmp_path / "cache" / name).read_bytes() == (ptb / name).read_bytes()
 
 
 def test_download_rejects_a_file_with_the_wrong_sha1(tmp_path, ptb):
-    from dist_w2v.data import corpus
+    from dist_w2v.data import sources
 
     _zip_ptb(ptb, tmp_path / "ptb.zip", tamper=True)
     with pytest.raises(UserError, match="SHA-1"):
-        corpus.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
+        sources.download_ptb(tmp_path / "cache", url=(tmp_path / "ptb.zip").as_uri())
     assert not (tmp_path / "cache" / "ptb.train.txt").exists()

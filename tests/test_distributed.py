@@ -13,14 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, SMOKE, cli_env
+from conftest import REPO, SMOKE, cli_env, prepare, run_cli
 
 from dist_w2v.config import PATHS, Config, load_config
+from dist_w2v.data.examples import Batch
 from dist_w2v.errors import UserError
+from dist_w2v.outputs.metrics import read_metrics
 from dist_w2v.parallel.env import DistEnv, distributed, read_launch_env
 from dist_w2v.parallel.exchange import resolve_exchange, wrap_model
 from dist_w2v.train.loop import Trainer
@@ -30,14 +33,20 @@ PARAMS = ("center.weight", "context.weight")
 
 
 def tiny_config(ptb: Path, *extra: str) -> Config:
-    """300 PTB sentences: about 1,040 examples an epoch, 9 global batches of 128 with a short
-    last one (15 examples, split 8 + 7 over two ranks). Two epochs, with logging and a mid-epoch
-    checkpoint, so every collective of the loop runs."""
+    """300 PTB sentences (about 5,400 tokens) in 4 shards of chunks of at most 1,024 tokens:
+    about 1,040 examples an epoch, about 9 global batches of 128, the last ones short and filled
+    unevenly by the shards. Two epochs, with logging and a mid-epoch checkpoint, so every
+    collective of the loop runs."""
     return load_config(None, [
         f"data.dir={ptb}", "data.max_sentences=300", "data.min_count=2", "model.dim=8",
+        "data.shards=4", "data.chunk_tokens=1024",
         "train.epochs=2", "train.batch_size=128", "train.threads=1", "eval.every_epochs=0",
         "log.every_steps=4", "ckpt.every_steps=5", *extra,
     ])
+
+
+def tiny_trainer(cfg: Config, env: DistEnv, run_dir: Path, cache: Path) -> Trainer:
+    return Trainer(cfg, env, run_dir, prepare(cfg.data, cache))
 
 
 def final_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -57,7 +66,7 @@ def keep_thread_count():
 def single_process(ptb, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The reference: one plain process (no process group) over the same global batches."""
     run_dir = tmp_path_factory.mktemp("single")
-    return final_parameters(Trainer(tiny_config(ptb), DistEnv(), run_dir))
+    return final_parameters(tiny_trainer(tiny_config(ptb), DistEnv(), run_dir, run_dir / "cache"))
 
 
 # -- world size 1, in this process ---------------------------------------------------------------
@@ -71,7 +80,7 @@ def test_world_size_one_gloo_group_trains_like_a_plain_process(ptb, tmp_path, si
     with distributed(cfg, {}, store=store) as env:
         assert (env.distributed, env.backend, env.world_size, env.rank) == (True, "gloo", 1, 0)
         assert dist.is_initialized() and dist.get_world_size() == 1
-        params = final_parameters(Trainer(cfg, env, tmp_path / "run"))
+        params = final_parameters(tiny_trainer(cfg, env, tmp_path / "run", tmp_path / "cache"))
     assert not dist.is_initialized()
     for name in PARAMS:
         torch.testing.assert_close(params[name], single_process[name], rtol=0, atol=1e-6)
@@ -119,12 +128,12 @@ def exchanged_gradients(trainer: Trainer, env: DistEnv) -> dict[str, dict[str, t
     ranks). Every model path (train.path) is checked. Also checks that the exchanged gradient
     stays sparse.
     """
-    examples = trainer.epoch_examples(0)
-    trainer.sharder.set_epoch(0)
-    plan = trainer.sharder.plan(len(examples))
-    first_five = torch.arange(5) if env.rank == 0 else torch.arange(0)
-    batches = {"even": examples.batch(plan.indices(0)),
-               "one_rank_empty": examples.batch(first_five)}
+    trainer.stream.start_epoch(0)
+    even = trainer.stream.next_batch()
+    rows = slice(0, 5 if env.rank == 0 else 0)
+    first_five = Batch(even.centers[rows], even.contexts_negatives[rows], even.num_contexts[rows],
+                       even.num_negatives)
+    batches = {"even": even, "one_rank_empty": first_five}
     out: dict[str, dict[str, torch.Tensor]] = {}
     for (case, batch), path, exchange in itertools.product(batches.items(), PATHS,
                                                            ("local", *EXCHANGES)):
@@ -150,13 +159,16 @@ def two_rank_worker(rank: int, ptb: str, workdir: str) -> None:
     with distributed(tiny_config(Path(ptb)), environ, store=store) as env:
         for exchange in EXCHANGES:
             cfg = tiny_config(Path(ptb), f"dist.grad_exchange={exchange}")
-            trainer = Trainer(cfg, env, workdir_path / exchange)
+            trainer = tiny_trainer(cfg, env, workdir_path / exchange, workdir_path / "cache")
             results[f"params/{exchange}"] = final_parameters(trainer)
         results["grads"] = exchanged_gradients(trainer, env)
-        try:
-            Trainer(tiny_config(Path(ptb), "train.batch_size=129"), env, workdir_path / "odd")
-        except UserError as exc:
-            results["batch_size_error"] = str(exc)
+        for name, setting in (("batch_size_error", "train.batch_size=129"),
+                              ("shards_error", "data.shards=3")):
+            try:
+                tiny_trainer(tiny_config(Path(ptb), setting), env, workdir_path / "odd",
+                             workdir_path / "cache")
+            except UserError as exc:
+                results[name] = str(exc)
     torch.save(results, workdir_path / f"rank{rank}.pt")
 
 
@@ -214,11 +226,12 @@ def test_hooks_give_the_builtin_sparse_allreduce_gradient(two_ranks, case, path,
         assert hooked.abs().sum() > 0
 
 
-def test_global_batch_that_does_not_divide_by_world_size_is_refused(two_ranks):
+def test_global_batch_and_shards_that_do_not_divide_are_refused(two_ranks):
     for rank in two_ranks:
-        assert rank["batch_size_error"] == (
-            "train.batch_size=129 is the global batch and must divide by the world size 2; "
-            "pick a multiple of 2")
+        assert rank["batch_size_error"].startswith(
+            "train.batch_size=129 must divide by data.shards=4")
+        assert rank["shards_error"] == (
+            "data.shards=3 must divide by the world size 2; pick a multiple of 2")
 
 
 # -- torchrun end to end -------------------------------------------------------------------------
@@ -242,8 +255,9 @@ def run_torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess
 
 def test_torchrun_two_processes_end_to_end(tmp_path, small_corpus):
     run_dir = tmp_path / "run"
+    several_chunks = ("data.shards=4", "data.chunk_tokens=2048")
     result = run_torchrun(["--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
-                           f"data.corpus={small_corpus}", *SMOKE], timeout=180)
+                           f"data.corpus={small_corpus}", *SMOKE, *several_chunks], timeout=180)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len([line for line in lines if "world size 2 (gloo)" in line]) == 1, result.stdout
@@ -258,3 +272,12 @@ def test_torchrun_two_processes_end_to_end(tmp_path, small_corpus):
         assert len(list(run_dir.glob(f"{output}*"))) == 1
     assert not [p for p in run_dir.rglob("*") if re.search(r"rank[_-]?1", p.name)]
     os.stat(run_dir / "config.yaml")
+    # One plain process trains the same centers into the same tables.
+    plain = run_cli("train", "--config", "configs/ptb.yaml", "--run-dir", str(tmp_path / "plain"),
+                    f"data.corpus={small_corpus}", *SMOKE, *several_chunks)
+    assert plain.returncode == 0, plain.stderr
+    plain_epochs = [r for r in read_metrics(tmp_path / "plain") if r["kind"] == "epoch"]
+    two_epochs = [r for r in read_metrics(run_dir) if r["kind"] == "epoch"]
+    assert two_epochs[0]["center_words"] == plain_epochs[0]["center_words"] > 5000
+    np.testing.assert_allclose(np.load(run_dir / "center.npy"),
+                               np.load(tmp_path / "plain" / "center.npy"), rtol=0, atol=1e-5)

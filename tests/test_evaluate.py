@@ -14,8 +14,7 @@ from conftest import SMOKE
 from workers import run, train_command
 
 from dist_w2v.cli import main
-from dist_w2v.config import DataConfig
-from dist_w2v.data.corpus import UNK, Vocab, load_corpus
+from dist_w2v.data.vocab import UNK, Vocab
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.evaluate import (
     Analogies,
@@ -121,8 +120,8 @@ def test_analogy_file_format(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ptb_vocab(ptb) -> Vocab:
-    return load_corpus(DataConfig(dir=str(ptb)))[1]
+def ptb_vocab(prepared_ptb) -> Vocab:
+    return prepared_ptb.vocab
 
 
 def test_gensim_benchmarks_on_ptb_vocabulary(ptb_vocab):

@@ -3,6 +3,7 @@
 * the fast path equals the padded reference on CUDA, for the kernel CUDA uses;
 * the training step reads nothing back from the device except the row counts that a sparse
   gradient's shape needs (inside fast_path.py);
+* chunks built on the background thread's side stream train like chunks built inline;
 * one PTB epoch through NCCL (world size 1, the all-gather hook) trains like gloo and like a
   plain process.
 """
@@ -17,10 +18,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, one_chunk_examples, prepare
 
 from dist_w2v.config import load_config
-from dist_w2v.data.corpus import load_corpus
 from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.model.fast_path import fast_skip_gram_loss
 from dist_w2v.model.skipgram import SkipGram
@@ -34,10 +34,10 @@ CUDA = torch.device("cuda", 0)
 
 
 @pytest.fixture(scope="module")
-def cuda_epoch(ptb):
-    cfg = load_config(None, [f"data.dir={ptb}"])
-    corpus, vocab = load_corpus(cfg.data)
-    return ExampleBuilder(corpus, vocab, cfg.data, CUDA).build(0, 0), len(vocab)
+def cuda_epoch(prepared_ptb):
+    cfg = load_config(None, [])
+    builder = ExampleBuilder(prepared_ptb.vocab, cfg.data, CUDA)
+    return one_chunk_examples(prepared_ptb, builder), len(prepared_ptb.vocab)
 
 
 def reference_and_fast(cuda_epoch, size: int, kernel: str):
@@ -79,11 +79,10 @@ def test_csr_kernel_on_cuda(cuda_epoch):
 
 def sync_sites(trainer: Trainer, steps: int) -> Counter:
     """Python lines that made the device synchronize during ``steps`` real training steps."""
-    examples = trainer.epoch_examples(0)
-    trainer.sharder.set_epoch(0)
-    plan = trainer.sharder.plan(len(examples))
+    plan = trainer.stream.start_epoch(0)
+    batches = [trainer.stream.next_batch() for _ in range(steps + 1)]
     model = trainer.model
-    trainer.train_step(model, examples, plan, 0)  # warm-up: lazy optimizer state
+    trainer.train_step(model, batches[0], plan, 0)  # warm-up: lazy optimizer state
     trainer.state.step += 1
     torch.cuda.synchronize()
     sites: Counter = Counter()
@@ -91,8 +90,8 @@ def sync_sites(trainer: Trainer, steps: int) -> Counter:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(steps):
-                trainer.train_step(model, examples, plan, 0)
+            for batch in batches[1:]:
+                trainer.train_step(model, batch, plan, 0)
                 trainer.state.step += 1
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -106,7 +105,7 @@ def sync_sites(trainer: Trainer, steps: int) -> Counter:
 def test_the_step_syncs_only_for_sparse_row_counts(ptb, tmp_path, optimizer):
     cfg = load_config(None, [f"data.dir={ptb}", "train.device=cuda", "train.batch_size=16384",
                              f"train.optimizer={optimizer}", "eval.every_epochs=0"])
-    trainer = Trainer(cfg, DistEnv(device=CUDA), tmp_path)
+    trainer = Trainer(cfg, DistEnv(device=CUDA), tmp_path, prepare(cfg.data, tmp_path / "cache"))
     steps = 10
     sites = sync_sites(trainer, steps)
     print(f"{optimizer}: host syncs over {steps} steps: {dict(sites)}")
@@ -143,3 +142,23 @@ def test_nccl_allgather_epoch_trains_like_gloo_and_a_plain_process(tmp_path):
         # index_add_ on CUDA adds in a nondeterministic order: equal up to float rounding.
         assert nccl["loss"] == pytest.approx(other["loss"], abs=1e-3)
         torch.testing.assert_close(nccl["center"], other["center"], rtol=0, atol=2e-2)
+
+
+def test_chunks_built_on_the_side_stream_equal_inline_builds(prepared_ptb, tmp_path):
+    """The background thread builds on a CUDA side stream; its chunks must equal a build on
+    the current stream (stream ordering and record_stream done right)."""
+    from dist_w2v.data.stream import RankStream
+
+    cfg = load_config(None, ["data.chunk_tokens=8192"])
+    builder = ExampleBuilder(prepared_ptb.vocab, cfg.data, CUDA)
+    stream = RankStream(prepared_ptb, builder, cfg.data, 0, 512, 1, 0, lambda t: t)
+    plan = stream.start_epoch(0)
+    streamed = [stream.next_batch() for _ in range(plan.num_steps)]
+    stream.close()
+    inline = RankStream(prepared_ptb, builder, cfg.data, 0, 512, 1, 0, lambda t: t)
+    inline.prefetcher.side = None  # build on the current stream
+    inline.start_epoch(0)
+    for batch in streamed:
+        other = inline.next_batch()
+        assert torch.equal(batch.contexts_negatives, other.contexts_negatives)
+    inline.close()

@@ -81,6 +81,11 @@ class PreparedCorpus:
     def num_sentences(self) -> int:
         return int(self.sentence_offsets.shape[0]) - 1
 
+    def word_sentences(self) -> list[list[str]]:
+        """The sentences as words, unknowns dropped (for peers such as gensim: small corpora)."""
+        words = np.asarray(self.vocab.idx_to_token, dtype=object)[np.asarray(self.tokens)]
+        return [list(s) for s in np.split(words, np.asarray(self.sentence_offsets[1:-1]))]
+
     @property
     def fingerprint(self) -> str:
         """Identifies the token stream: the SHA-256 of tokens.bin, as the manifest records it."""

@@ -80,6 +80,11 @@ def plan_chunks(corpus: PreparedCorpus, shards: int, chunk_tokens: int) -> list[
     return plan
 
 
+def whole_corpus(corpus: PreparedCorpus) -> Chunk:
+    """The whole corpus as one chunk: a whole epoch's examples at once (benchmarks, tests)."""
+    return Chunk(0, 0, corpus.num_tokens, 0, corpus.num_sentences)
+
+
 def check_shards(cfg: DataConfig, batch_size: int, world_size: int) -> None:
     """The divisibility rules, checked before any data is read."""
     if cfg.shards % world_size != 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_w2v.data.corpus import Vocab
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 from dist_w2v.train.checkpoint import read_checkpoint
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_w2v.data.corpus import Vocab
+from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 
 WORDSIM353 = "wordsim353.tsv"

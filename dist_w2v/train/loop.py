@@ -206,6 +206,12 @@ class Trainer:
         return ExchangeShape(len(self.vocab), self.cfg.model.dim, per_rank * rows_per_example,
                              self.env.world_size)
 
+    def reaches_next_epoch(self, plan: EpochPlan) -> bool:
+        steps_left = plan.num_steps - self.state.step
+        max_steps = self.cfg.train.max_steps
+        return self.state.epoch + 1 < self.cfg.train.epochs and (
+            max_steps == 0 or self.state.global_step + steps_left < max_steps)
+
     def out_of_steps(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.state.global_step
 
@@ -220,7 +226,7 @@ class Trainer:
         while self.state.step < plan.num_steps:
             self.maybe_fail()
             batch = self.stream.next_batch()
-            if epoch + 1 < self.cfg.train.epochs:
+            if self.reaches_next_epoch(plan):
                 self.stream.prefetch(epoch + 1)  # after this epoch's chunks are under way
             batch_loss = self.train_step(ddp, batch, plan, epoch)
             loss_sum += batch_loss
