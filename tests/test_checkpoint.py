@@ -18,13 +18,13 @@ from workers import TINY, run, train_command
 
 from dist_w2v.cli import main
 from dist_w2v.config import CkptConfig
+from dist_w2v.outputs.metrics import read_metrics
 from dist_w2v.parallel.env import DistEnv
 from dist_w2v.train.checkpoint import Checkpointer, CorruptCheckpoint, read_checkpoint
 from dist_w2v.train.run import effective_resume
 
-# 71 steps per epoch with a checkpoint every 20: saves at 20, 40, 60 and 71 (epoch end); keep 3.
+# 70-80 steps per epoch with a checkpoint every 20: saves at 20, 40, 60 and the epoch end; keep 3.
 EVERY = "ckpt.every_steps=20"
-KEPT = ["step-000000071.pt", "step-000000060.pt", "step-000000040.pt"]
 
 
 def train(*argv: str) -> int:
@@ -47,6 +47,19 @@ def trained(corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     assert train("--run-dir", str(run_dir), f"data.corpus={corpus}", *TINY, EVERY) == 0
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def epoch_end(trained) -> int:
+    """The global step of the epoch's end (the stream's step count for this corpus)."""
+    (epoch,) = [r for r in read_metrics(trained) if r["kind"] == "epoch"]
+    assert 60 < epoch["global_step"] < 80
+    return epoch["global_step"]
+
+
+@pytest.fixture(scope="module")
+def kept(epoch_end) -> list[str]:
+    return [f"step-{epoch_end:09d}.pt", "step-000000060.pt", "step-000000040.pt"]
 
 
 @pytest.fixture
@@ -75,16 +88,16 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_checkpoint_holds_the_whole_run_state(trained):
+def test_checkpoint_holds_the_whole_run_state(trained, kept, epoch_end):
     checkpointer = Checkpointer(trained / "checkpoints", CkptConfig(every_steps=20, keep=3),
                                 DistEnv())
-    assert [p.name for p in checkpointer.checkpoints()] == KEPT  # newest first, keep 3
-    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == sorted(KEPT)
+    assert [p.name for p in checkpointer.checkpoints()] == kept  # newest first, keep 3
+    assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == sorted(kept)
 
-    last = read_checkpoint(trained / "checkpoints" / KEPT[0])
+    last = read_checkpoint(trained / "checkpoints" / kept[0])
     assert {"model", "optimizer", "state", "vocab", "config"} <= set(last)
     assert last["state"]["epoch"] == 1 and last["state"]["step"] == 0
-    assert last["state"]["global_step"] == 71
+    assert last["state"]["global_step"] == epoch_end
     assert [r["epoch"] for r in last["state"]["history"] if r["kind"] == "epoch"] == [1]
     np.testing.assert_array_equal(last["model"]["center.weight"].numpy(),
                                   np.load(trained / "center.npy"))
@@ -92,12 +105,12 @@ def test_checkpoint_holds_the_whole_run_state(trained):
     assert len(last["vocab"]["idx_to_token"]) == last["model"]["center.weight"].shape[0]
     assert last["config"]["model"]["dim"] == 16
 
-    middle = read_checkpoint(trained / "checkpoints" / KEPT[1])["state"]
+    middle = read_checkpoint(trained / "checkpoints" / kept[1])["state"]
     assert (middle["epoch"], middle["step"], middle["global_step"]) == (0, 60, 60)
 
 
-def test_corrupt_and_truncated_files_are_named(run_copy):
-    path = run_copy / "checkpoints" / KEPT[0]
+def test_corrupt_and_truncated_files_are_named(run_copy, kept):
+    path = run_copy / "checkpoints" / kept[0]
     size = path.stat().st_size
     damages = [
         ("checksum mismatch", lambda: flip_byte(path)),
@@ -114,8 +127,8 @@ def test_corrupt_and_truncated_files_are_named(run_copy):
         assert str(excinfo.value) == f"checkpoint {path} is corrupt or truncated ({reason})"
 
 
-def test_cli_reports_a_corrupt_checkpoint_in_one_line(run_copy, corpus):
-    path = run_copy / "checkpoints" / KEPT[0]
+def test_cli_reports_a_corrupt_checkpoint_in_one_line(run_copy, corpus, kept):
+    path = run_copy / "checkpoints" / kept[0]
     flip_byte(path)
     result = run_cli("train", "--config", "configs/ptb.yaml",
                      *resume_args(corpus, run_copy, "--resume", str(path)))
@@ -125,8 +138,8 @@ def test_cli_reports_a_corrupt_checkpoint_in_one_line(run_copy, corpus):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_similar_reports_a_truncated_checkpoint(run_copy, capsys):
-    path = run_copy / "checkpoints" / KEPT[0]
+def test_similar_reports_a_truncated_checkpoint(run_copy, capsys, kept):
+    path = run_copy / "checkpoints" / kept[0]
     truncate(path, path.stat().st_size - 1)
     assert main(["similar", "--checkpoint", str(path), "chip"]) == 2
     assert str(path) in one_error_line(capsys.readouterr().err)
@@ -137,14 +150,15 @@ def test_similar_reports_a_truncated_checkpoint(run_copy, capsys):
     ("model.dim=8", "was saved with model.dim=16 but the config says 8; resume with model.dim=16"),
     ("train.seed=1", "was saved with train.seed=0 but the config says 1"),
 ])
-def test_a_checkpoint_of_another_run_is_refused(run_copy, corpus, capsys, override, message):
+def test_a_checkpoint_of_another_run_is_refused(run_copy, corpus, capsys, override, message, kept):
     assert train(*resume_args(corpus, run_copy, override), "--resume", "auto") == 2
     line = one_error_line(capsys.readouterr().err)
-    assert f"checkpoint {run_copy / 'checkpoints' / KEPT[0]} {message}" in line
+    assert f"checkpoint {run_copy / 'checkpoints' / kept[0]} {message}" in line
 
 
-def test_auto_skips_a_corrupt_newest_checkpoint_and_says_so(trained, run_copy, corpus, capsys):
-    newest, previous = (run_copy / "checkpoints" / name for name in KEPT[:2])
+def test_auto_skips_a_corrupt_newest_checkpoint_and_says_so(trained, run_copy, corpus,
+                                                            capsys, kept):
+    newest, previous = (run_copy / "checkpoints" / name for name in kept[:2])
     flip_byte(newest)
     assert train(*resume_args(corpus, run_copy), "--resume", "auto") == 0
     out = capsys.readouterr().out
@@ -156,28 +170,30 @@ def test_auto_skips_a_corrupt_newest_checkpoint_and_says_so(trained, run_copy, c
     np.testing.assert_array_equal(np.load(run_copy / "center.npy"), np.load(trained / "center.npy"))
 
 
-def test_auto_refuses_when_no_checkpoint_is_valid(run_copy, corpus, capsys):
-    for name in KEPT:
+def test_auto_refuses_when_no_checkpoint_is_valid(run_copy, corpus, capsys, kept):
+    for name in kept:
         flip_byte(run_copy / "checkpoints" / name)
     assert train(*resume_args(corpus, run_copy), "--resume", "auto") == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"no valid checkpoint in {run_copy / 'checkpoints'} (3 found, none readable)" in line
 
 
-def test_resuming_an_older_checkpoint_sets_newer_ones_aside(trained, run_copy, corpus, capsys):
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside(trained, run_copy, corpus,
+                                                            capsys, kept):
     """Else a later restart's --resume auto would jump back to the abandoned newer ones."""
-    older = run_copy / "checkpoints" / KEPT[2]
+    older = run_copy / "checkpoints" / kept[2]
     assert train(*resume_args(corpus, run_copy), "--resume", str(older)) == 0
     assert f"resumed from {older} at epoch 1, step 40" in capsys.readouterr().out
     names = sorted(p.name for p in older.parent.iterdir())
-    assert names == sorted([*KEPT, f"{KEPT[0]}.superseded", f"{KEPT[1]}.superseded"])
+    assert names == sorted([*kept, f"{kept[0]}.superseded", f"{kept[1]}.superseded"])
     np.testing.assert_array_equal(np.load(run_copy / "center.npy"), np.load(trained / "center.npy"))
 
 
-def test_a_write_that_fails_halfway_keeps_the_previous_checkpoint(run_copy, corpus, tmp_path):
+def test_a_write_that_fails_halfway_keeps_the_previous_checkpoint(run_copy, corpus, tmp_path,
+                                                                  kept, epoch_end):
     """RLIMIT_FSIZE makes the kernel refuse the checkpoint's write part-way, as a full disk does."""
     checkpoints = run_copy / "checkpoints"
-    limit = (checkpoints / KEPT[0]).stat().st_size // 2
+    limit = (checkpoints / kept[0]).stat().st_size // 2
 
     def small_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -188,11 +204,11 @@ def test_a_write_that_fails_halfway_keeps_the_previous_checkpoint(run_copy, corp
     code, out = run(command, tmp_path / "log", preexec_fn=small_file_limit)
     assert code == 2, out
     assert "Traceback" not in out
-    failed, kept = checkpoints / "step-000000080.pt", checkpoints / KEPT[0]
+    failed, kept = checkpoints / "step-000000080.pt", checkpoints / kept[0]
     assert (f"dist-w2v: error: could not write checkpoint {failed} (File too large); "
             f"{kept} is intact") in out
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before  # no temp file left
-    assert read_checkpoint(kept)["state"]["global_step"] == 71
+    assert read_checkpoint(kept)["state"]["global_step"] == epoch_end
 
 
 def test_a_fresh_run_refuses_a_run_dir_that_holds_checkpoints(run_copy, corpus, capsys):

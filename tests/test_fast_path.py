@@ -167,7 +167,7 @@ def test_a_ptb_epoch_trains_the_same_on_both_paths(ptb, small_corpus, tmp_path):
     results = {}
     for path in ("padded", "fast"):
         cfg = load_config(None, [f"data.corpus={small_corpus}", "data.min_count=5",
-                                 "model.dim=32", "train.epochs=1", "train.lr=0.02",
+                                 "model.dim=32", "train.epochs=1", "train.lr=0.05",
                                  "train.threads=1", "eval.every_epochs=0", f"train.path={path}"])
         corpus = prepare(cfg.data, tmp_path / "cache")
         trainer = Trainer(cfg, DistEnv(), tmp_path / path, corpus)

@@ -132,14 +132,15 @@ class Block:
 
     index: int
     data: bytes
-    sources: list[tuple[Path, int, int]]
-    """(file, start, end) of each file's part of ``data``, to name a file in errors."""
+    sources: list[tuple[Path, int, int, int]]
+    """(file, start, end, offset in the file) of each file's part of ``data``, for errors."""
     runs_on: bool
     """The block ends inside a line, which the next block continues."""
 
 
 def _file_pieces(path: Path, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """A file's bytes in pieces that end at a newline (else at a space, running on)."""
+    """A file's (uncompressed) bytes in pieces that end at a newline, else at a space, and
+    then the line runs on into the next piece."""
     carry = b""
     line_open = False  # a piece ended inside a line
     try:
@@ -167,11 +168,12 @@ def read_blocks(files: Sequence[Path], block_bytes: int = BLOCK_BYTES,
                 max_lines: int = 0) -> Iterator[Block]:
     """The inputs as blocks; small files share one. ``max_lines`` > 0 stops after that many."""
     parts: list[bytes] = []
-    sources: list[tuple[Path, int, int]] = []
+    sources: list[tuple[Path, int, int, int]] = []
     size = 0
     lines_left = max_lines
     index = 0
     for path in files:
+        offset = 0
         for piece, runs_on in _file_pieces(path, block_bytes):
             if max_lines:
                 newlines = piece.count(b"\n")
@@ -183,8 +185,9 @@ def read_blocks(files: Sequence[Path], block_bytes: int = BLOCK_BYTES,
                 lines_left -= min(newlines, lines_left)
             if piece:
                 parts.append(piece)
-                sources.append((path, size, size + len(piece)))
+                sources.append((path, size, size + len(piece), offset))
                 size += len(piece)
+                offset += len(piece)
             if size and (size >= block_bytes or runs_on or (max_lines and not lines_left)):
                 yield Block(index, b"".join(parts), sources, runs_on)
                 index += 1
@@ -227,13 +230,13 @@ def _as_text(block: Block) -> Any:
     try:
         return raw.cast(pa.string())
     except pa.ArrowInvalid:
-        for path, start, end in block.sources:
+        for path, start, end, offset in block.sources:
             try:
                 block.data[start:end].decode("utf-8")
             except UnicodeDecodeError as exc:
-                line = block.data[start:start + exc.start].count(b"\n") + 1
-                raise UserError(f"input {path} is not UTF-8 text (bad byte in line {line} of "
-                                "the part being read); convert it to UTF-8") from None
+                raise UserError(f"input {path} is not UTF-8 text (byte {offset + exc.start:,}"
+                                f"{' uncompressed' if path.suffix in OPENERS else ''}); "
+                                "convert it to UTF-8") from None
         raise UserError(f"input {block.sources[0][0]} is not UTF-8 text; "
                         "convert it to UTF-8") from None
 
@@ -520,9 +523,12 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
     """Prepare ``inputs`` into the folder ``out``; nothing is done when ``out`` already holds
     them under the same settings (unless ``force``). ``progress``: None = when stderr is a
     terminal. ``say`` gets one summary line."""
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     out = Path(out).expanduser()
-    files = expand_inputs(inputs)
+    files = [p for p in expand_inputs(inputs)  # a folder input may hold --out itself
+             if not p.resolve().is_relative_to(out.resolve())]
+    if not files:
+        raise UserError(f"no input files outside --out {out}")
     inputs_seen = input_entries(files)
     if not force and _up_to_date(out, inputs_seen, settings):
         say(f"{out} is up to date (same inputs and settings); nothing to do")
@@ -558,7 +564,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
     counts = manifest["counts"]
     say(f"prepared {out}: {counts['tokens']:,} tokens ({counts['raw_tokens']:,} read, "
         f"{counts['unknown_tokens']:,} unknown dropped), {counts['sentences']:,} sentences, "
-        f"vocabulary {counts['vocab_size']:,}, {seconds:.1f} s, "
+        f"vocabulary {counts['vocab_size']:,}, {seconds:.1f} s "
+        f"({time.process_time() - start_cpu:.1f} s CPU), "
         f"{counts['raw_tokens'] / max(seconds, 1e-9) / 1e6:.1f}M tokens/s")
     return PrepareOutcome(out, manifest, False, seconds)
 

@@ -135,8 +135,15 @@ class Prefetcher:
     """Builds chunks on one background thread; on CUDA on a side stream of its own."""
 
     def __init__(self, device: torch.device):
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chunk-build")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @property
+    def pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread, started on first use (again after :meth:`close`)."""
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chunk-build")
+        return self._pool
 
     def submit(self, build: Callable[[], tuple[ChunkExamples, torch.Tensor]]
                ) -> concurrent.futures.Future:
@@ -162,7 +169,9 @@ class Prefetcher:
         return examples, order
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 class ShardStream:
