@@ -22,8 +22,8 @@ VOCAB_FILE = "vocab.json"
 
 @dataclass
 class Embeddings:
-    center: np.ndarray  # (V, D) float32: the word vectors
-    context: np.ndarray  # (V, D) float32
+    center: np.ndarray  # (V, D) float32: the word vectors (a read-only memory map from load_run)
+    context: np.ndarray  # (V, D) float32 (likewise)
     vocab: Vocab
 
 
@@ -41,8 +41,10 @@ def load_run(run_dir: Path) -> Embeddings:
             "pass the --run-dir of a finished `dist-w2v train`, or --checkpoint FILE"
         )
     try:
-        center = np.load(run_dir / CENTER_FILE)
-        context = np.load(run_dir / CONTEXT_FILE)
+        # Memory-mapped, read-only: similar, eval and export read the center table block by
+        # block, and the context table not at all, so a 1M-word run never sits in memory twice.
+        center = np.load(run_dir / CENTER_FILE, mmap_mode="r")
+        context = np.load(run_dir / CONTEXT_FILE, mmap_mode="r")
     except (OSError, ValueError):
         raise UserError(
             f"embeddings in {run_dir} are corrupt; retrain or use a checkpoint"
