@@ -13,7 +13,6 @@ import numpy as np
 
 from dist_w2v.data.corpus import Vocab
 from dist_w2v.errors import UserError
-from dist_w2v.train.checkpoint import read_checkpoint
 
 CENTER_FILE = "center.npy"
 CONTEXT_FILE = "context.npy"
@@ -59,6 +58,10 @@ def load_run(run_dir: Path) -> Embeddings:
 
 
 def load_checkpoint_embeddings(path: Path) -> Embeddings:
+    # Imported here: reading a checkpoint needs torch, whose import costs a run directory's
+    # similar / eval / export about 3 s and 300 MB.
+    from dist_w2v.train.checkpoint import read_checkpoint
+
     payload = read_checkpoint(path)
     model = payload["model"]
     vocab = Vocab.from_dict(payload["vocab"])
