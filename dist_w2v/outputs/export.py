@@ -31,10 +31,10 @@ def exported_rows(emb: Embeddings) -> tuple[list[str], np.ndarray]:
     return emb.vocab.idx_to_token[1:], emb.center[1:]
 
 
-def row_blocks(vectors: np.ndarray, dtype: str = "<f4") -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, rows as ``dtype``), ``EXPORT_ROWS`` rows at a time."""
+def row_blocks(vectors: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows as little-endian float32), ``EXPORT_ROWS`` rows at a time."""
     for start in range(0, len(vectors), EXPORT_ROWS):
-        yield start, np.ascontiguousarray(vectors[start : start + EXPORT_ROWS], dtype=dtype)
+        yield start, np.ascontiguousarray(vectors[start : start + EXPORT_ROWS], dtype="<f4")
 
 
 def write_word2vec_text(words: list[str], vectors: np.ndarray, path: Path) -> None:
