@@ -218,7 +218,7 @@ def peak_rss_mib() -> float:
 
 def wordsim353_scorer():
     """A function vectors, vocab -> WordSim353 Spearman, or None without gensim's data files."""
-    from dist_w2v.outputs.evaluate import benchmarks_if_available, normalize_rows, score_similarity
+    from dist_w2v.outputs.evaluate import UnitTable, benchmarks_if_available, score_similarity
 
     benchmarks = benchmarks_if_available()
     if benchmarks is None:
@@ -226,7 +226,7 @@ def wordsim353_scorer():
     bench = next(b for b in benchmarks.similarity if b.name == "wordsim353")
 
     def score(vectors, vocab) -> float:
-        return score_similarity(normalize_rows(vectors), vocab, bench)["spearman"]
+        return score_similarity(UnitTable(vectors), vocab, bench)["spearman"]
 
     return score
 

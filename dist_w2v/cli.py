@@ -120,12 +120,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_similar(args: argparse.Namespace) -> int:
     from dist_w2v.outputs.artifacts import load_embeddings
-    from dist_w2v.outputs.evaluate import nearest, normalize_rows
+    from dist_w2v.outputs.evaluate import UnitTable, probe_neighbours
 
     if args.k < 1:
         raise UserError("-k must be >= 1")
     emb = load_embeddings(args.run_dir, args.checkpoint)
-    unit = normalize_rows(emb.center)
+    answers = probe_neighbours(UnitTable(emb.center), emb.vocab, args.words, args.k)
     unknown = []
     for word in args.words:
         if emb.vocab[word] == 0:
@@ -136,7 +136,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
             continue
         if len(args.words) > 1:
             print(f"{word}:")
-        for neighbour, cos in nearest(emb.center, emb.vocab, word, args.k, unit):
+        for neighbour, cos in answers[word]:
             print(f"cosine sim={cos: .3f}: {neighbour}")
     return 2 if unknown else 0
 

@@ -15,13 +15,19 @@ from workers import run, train_command
 
 from dist_w2v.cli import main
 from dist_w2v.data.vocab import UNK, Vocab
+from dist_w2v.errors import UserError
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.evaluate import (
+    CHUNK_BYTES,
     Analogies,
+    UnitTable,
     answer_analogies,
     average_ranks,
     load_benchmarks,
+    lookup,
+    nearest,
     normalize_rows,
+    probe_neighbours,
     read_analogies,
     read_word_pairs,
     score_analogies,
@@ -72,7 +78,7 @@ def test_similarity_over_known_pairs_with_coverage(tmp_path):
     vectors = np.array([[0, 0]] + [[np.cos(angle(a)), np.sin(angle(a))] for a in (0, 10, 80)])
     vocab = vocab_of(["cat", "dog", "car"])
     # cos(cat, dog) > cos(dog, car) > cos(cat, car): the same order as the human scores.
-    result = score_similarity(normalize_rows(vectors), vocab, bench)
+    result = score_similarity(UnitTable(vectors), vocab, bench)
     assert result == {"spearman": pytest.approx(1.0), "pairs": 3, "total": 4, "coverage": 0.75}
 
 
@@ -92,7 +98,7 @@ def test_analogy_3cosadd_excludes_question_words_and_unk():
     man, woman, king, queen = (vocab[w] for w in ("man", "woman", "king", "queen"))
     raw = unit @ (unit[king] - unit[man] + unit[woman])
     assert raw.argmax() == 0 and np.argsort(-raw)[1] == woman  # what the exclusions must skip
-    answers = answer_analogies(unit, np.array([[man, king, woman, queen]]))
+    answers = answer_analogies(UnitTable(vectors), np.array([[man, king, woman, queen]]))
     assert answers.tolist() == [queen]
 
 
@@ -103,7 +109,7 @@ def test_analogy_accuracy_and_coverage():
         ("man", "woman", "king", "apple"),  # answered queen: wrong
         ("man", "king", "girl", "queen"),  # girl not in the vocabulary: not asked
     ])
-    result = score_analogies(normalize_rows(vectors), vocab, questions)
+    result = score_analogies(UnitTable(vectors), vocab, questions)
     assert result == {"accuracy": 0.5, "correct": 1, "questions": 2, "total": 3,
                       "coverage": pytest.approx(2 / 3)}
 
@@ -114,6 +120,84 @@ def test_analogy_file_format(tmp_path):
                     "boy girl brother sister\n")
     assert read_analogies(path).questions == [("athens", "greece", "baghdad", "iraq"),
                                               ("boy", "girl", "brother", "sister")]
+
+
+# -- the block-by-block scans against whole-matrix references ---------------------------------
+
+
+def whole_matrix_analogies(unit: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """3CosAdd as one (Q, V) score matrix: the reference the blocked scan must reproduce."""
+    scores = (unit[ids[:, 1]] - unit[ids[:, 0]] + unit[ids[:, 2]]) @ unit.T
+    rows = np.arange(len(ids))
+    for column in range(3):
+        scores[rows, ids[:, column]] = -np.inf
+    scores[:, 0] = -np.inf
+    return scores.argmax(axis=1)
+
+
+def random_table(rows: int, dim: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+
+
+def test_unit_rows_equal_the_normalised_table_in_every_block():
+    vectors = random_table(50, 6)
+    table = UnitTable(vectors, chunk_bytes=8 * 6 * 7)  # 7 rows a block: 8 blocks, one short
+    assert table.block_rows == 7
+    starts, blocks = zip(*table.blocks(), strict=True)
+    assert starts == tuple(range(0, 50, 7))
+    np.testing.assert_array_equal(np.vstack(blocks), normalize_rows(vectors))
+    np.testing.assert_array_equal(table.rows([3, 49, 3]), normalize_rows(vectors)[[3, 49, 3]])
+
+
+@pytest.mark.parametrize("block_rows", [7, 500, None])  # None: the default, one block
+def test_blocked_neighbours_equal_whole_matrix(block_rows):
+    vectors = random_table(1000, 16, seed=3)
+    chunk = CHUNK_BYTES if block_rows is None else 8 * 16 * block_rows
+    table = UnitTable(vectors, chunk_bytes=chunk)
+    vocab = vocab_of([f"w{i}" for i in range(1, 1000)])
+    probes = ["w1", "w500", "w999", "w7", "nope", "w1"]
+    found = probe_neighbours(table, vocab, probes, 12)
+    assert list(found) == ["w1", "w500", "w999", "w7"]
+    unit = normalize_rows(vectors)
+    for word, neighbours in found.items():
+        cos = unit @ unit[vocab[word]]
+        cos[[0, vocab[word]]] = -np.inf
+        top = np.argsort(-cos, kind="stable")[:12]
+        assert [w for w, _ in neighbours] == [vocab.idx_to_token[i] for i in top]
+        np.testing.assert_allclose([c for _, c in neighbours], cos[top], atol=1e-6)
+    alone = nearest(table, vocab, "w7", 12)  # a (1, D) product: equal up to float rounding
+    assert [w for w, _ in alone] == [w for w, _ in found["w7"]]
+    assert len(nearest(table, vocab, "w7", 5000)) == 998  # k capped at V - 2
+    with pytest.raises(UserError, match="unknown word 'nope'"):
+        nearest(table, vocab, "nope", 3)
+
+
+def test_blocked_analogies_equal_whole_matrix_on_ptb(ptb_vocab):
+    pytest.importorskip("gensim")
+    analogies = load_benchmarks().analogies
+    ids = lookup(ptb_vocab, analogies.questions)
+    ids = ids[(ids != 0).all(axis=1)]
+    vectors = random_table(len(ptb_vocab), 20, seed=4)
+    expected = whole_matrix_analogies(normalize_rows(vectors), ids)
+    # 500-row blocks and 40-question slices, then the default (one block, 2,496 questions).
+    for chunk in (8 * 20 * 500, CHUNK_BYTES):
+        table = UnitTable(vectors, chunk_bytes=chunk)
+        np.testing.assert_array_equal(answer_analogies(table, ids), expected)
+        result = score_analogies(table, ptb_vocab, analogies)
+        assert (result["correct"], result["questions"]) == (int((expected == ids[:, 3]).sum()),
+                                                            3013)
+
+
+def test_blocked_analogies_equal_brute_force_on_200k_words():
+    vectors = random_table(200_000, 50, seed=5)
+    rng = np.random.default_rng(6)
+    ids = rng.integers(1, 200_000, size=(6, 4))
+    ids[0, :3] = [199_999, 1, 100_000]  # question words at both ends and across a block edge
+    table = UnitTable(vectors)  # default chunk: 167,772-row blocks, so two of them
+    assert table.block_rows < 200_000
+    unit = normalize_rows(vectors)
+    expected = whole_matrix_analogies(unit, ids)
+    np.testing.assert_array_equal(answer_analogies(table, ids), expected)
 
 
 # -- gensim's benchmark files on the PTB vocabulary -----------------------------------------
@@ -129,7 +213,7 @@ def test_gensim_benchmarks_on_ptb_vocabulary(ptb_vocab):
     benchmarks = load_benchmarks()
     vectors = np.random.default_rng(0).standard_normal((len(ptb_vocab), 100)).astype(np.float32)
     started = time.perf_counter()
-    results = score_benchmarks(vectors, ptb_vocab, benchmarks)
+    results = score_benchmarks(UnitTable(vectors), ptb_vocab, benchmarks)
     seconds = time.perf_counter() - started
     # Coverage as DESIGN.md measured it with the d2l reimplementation.
     assert (results["wordsim353"]["pairs"], results["wordsim353"]["total"]) == (217, 353)

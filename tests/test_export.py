@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -9,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMOKE, run_cli
+from dist_w2v.data.corpus import UNK, Vocab
 
 from dist_w2v.cli import main
+from dist_w2v.outputs import export
+from dist_w2v.outputs.artifacts import Embeddings, load_run, save_outputs
 
 # Known words, an unknown one, a capitalised known one, <unk> (not a word), then more known ones.
 WORDS = ["stock", "qwertyzz", "Market", "<unk>", "market", "company", "million"]
@@ -99,3 +103,43 @@ def test_similar_answers_known_words_and_names_each_unknown_one(similar_result, 
     assert len(errors) == 3 and all(e.startswith("dist-w2v: error: unknown word ") for e in errors)
     assert "'qwertyzz'" in errors[0] and "'<unk>'" in errors[2]
     assert errors[1].endswith("try 'market'")  # the vocabulary is lower-case
+
+
+# -- writing block by block gives the bytes a whole-table write gives -------------------------
+
+
+def whole_table_bytes(fmt: str, words: list[str], vectors: np.ndarray) -> bytes:
+    """The export as one write of the whole float32 table: the reference for the blocked writers."""
+    header = f"{len(words)} {vectors.shape[1]}\n"
+    if fmt == "word2vec-text":
+        row_format = " ".join(["%.9g"] * vectors.shape[1])
+        lines = [f"{w} {row_format % tuple(row)}\n"
+                 for w, row in zip(words, vectors.tolist(), strict=True)]
+        return (header + "".join(lines)).encode()
+    if fmt == "word2vec-binary":
+        rows = [w.encode() + b" " + row.tobytes() + b"\n"
+                for w, row in zip(words, vectors, strict=True)]
+        return header.encode() + b"".join(rows)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_blocked_export_equals_whole_table_write(tmp_path, monkeypatch, fmt):
+    words = [UNK] + [f"w{i}" for i in range(1, 6719)] + ["café"]  # PTB's size, one non-ASCII
+    center = np.random.default_rng(0).standard_normal((len(words), 20)).astype(np.float32)
+    save_outputs(tmp_path, Embeddings(center, center, Vocab(words, np.ones(len(words)))))
+    monkeypatch.setattr(export, "EXPORT_ROWS", 1000)  # 7 blocks, the last one short
+    out = tmp_path / "vectors.out"
+    assert main(["export", "--run-dir", str(tmp_path), "--format", fmt, "--out", str(out)]) == 0
+    assert out.read_bytes() == whole_table_bytes(fmt, words[1:], center[1:])
+
+
+def test_run_tables_are_memory_mapped_not_read(tmp_path):
+    center = np.ones((5, 3), dtype=np.float32)
+    save_outputs(tmp_path, Embeddings(center, center, Vocab([UNK, "a", "b", "c", "d"],
+                                                            np.ones(5))))
+    emb = load_run(tmp_path)
+    assert isinstance(emb.center, np.memmap) and isinstance(emb.context, np.memmap)
+    assert not emb.center.flags.writeable

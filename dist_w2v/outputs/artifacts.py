@@ -13,7 +13,6 @@ import numpy as np
 
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
-from dist_w2v.train.checkpoint import read_checkpoint
 
 CENTER_FILE = "center.npy"
 CONTEXT_FILE = "context.npy"
@@ -22,8 +21,8 @@ VOCAB_FILE = "vocab.json"
 
 @dataclass
 class Embeddings:
-    center: np.ndarray  # (V, D) float32: the word vectors
-    context: np.ndarray  # (V, D) float32
+    center: np.ndarray  # (V, D) float32: the word vectors (a read-only memory map from load_run)
+    context: np.ndarray  # (V, D) float32 (likewise)
     vocab: Vocab
 
 
@@ -41,8 +40,10 @@ def load_run(run_dir: Path) -> Embeddings:
             "pass the --run-dir of a finished `dist-w2v train`, or --checkpoint FILE"
         )
     try:
-        center = np.load(run_dir / CENTER_FILE)
-        context = np.load(run_dir / CONTEXT_FILE)
+        # Memory-mapped, read-only: similar, eval and export read the center table block by
+        # block, and the context table not at all, so a 1M-word run never sits in memory twice.
+        center = np.load(run_dir / CENTER_FILE, mmap_mode="r")
+        context = np.load(run_dir / CONTEXT_FILE, mmap_mode="r")
     except (OSError, ValueError):
         raise UserError(
             f"embeddings in {run_dir} are corrupt; retrain or use a checkpoint"
@@ -57,6 +58,10 @@ def load_run(run_dir: Path) -> Embeddings:
 
 
 def load_checkpoint_embeddings(path: Path) -> Embeddings:
+    # Imported here: reading a checkpoint needs torch, whose import costs a run directory's
+    # similar / eval / export about 3 s and 300 MB.
+    from dist_w2v.train.checkpoint import read_checkpoint
+
     payload = read_checkpoint(path)
     model = payload["model"]
     vocab = Vocab.from_dict(payload["vocab"])

@@ -3,13 +3,16 @@
 Neighbours follow the seed's ``get_similar_tokens``. The benchmarks are the files gensim ships
 (WordSim353, SimLex-999, Google analogies), scored over the items whose words are all in the
 vocabulary, with that coverage reported next to every score. Benchmark words are lower-cased
-(PTB is lower-case). Everything is whole-matrix numpy: a PTB model is judged in milliseconds.
+(PTB is lower-case). Everything is numpy over row blocks of the table (:class:`UnitTable`): a PTB
+model is one block and is judged in milliseconds; a 1M-word table is scanned in blocks of at most
+``CHUNK_BYTES``, never copied whole, so it may stay memory-mapped.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,36 +29,104 @@ GENSIM_MISSING = (
     "the benchmark files come with gensim, which is not installed; "
     "install the optional extra: pip install 'dist-w2v[eval]' (or pip install gensim)"
 )
-# Analogy questions scored per matrix product: (chunk, V) float32 stays a few MB.
-ANALOGY_CHUNK = 256
+# The most bytes one block of normalised rows (float64 while dividing) or of float32 scores may
+# take: a 1M x 300 table is read 27,962 rows at a time, whatever its size.
+CHUNK_BYTES = 64 * 2**20
+
+
+def row_norms(matrix: np.ndarray) -> np.ndarray:
+    """(n,) float64 norms of the rows (plus a tiny epsilon: a zero row stays finite)."""
+    return np.sqrt((matrix.astype(np.float64) ** 2).sum(axis=1) + 1e-9)
 
 
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.sqrt((matrix.astype(np.float64) ** 2).sum(axis=1, keepdims=True) + 1e-9)
-    return (matrix / norms).astype(np.float32)
+    """The whole table with unit rows, float32; for small tables and tests (UnitTable for any)."""
+    return (matrix / row_norms(matrix)[:, None]).astype(np.float32)
 
 
-def nearest(
-    vectors: np.ndarray, vocab: Vocab, word: str, k: int, unit: np.ndarray | None = None
-) -> list[tuple[str, float]]:
-    """Top-k cosine neighbours of a known word, the word itself (and <unk>) excluded."""
-    idx = vocab.index(word)
-    unit = normalize_rows(vectors) if unit is None else unit
-    cos = unit @ unit[idx]
-    cos[idx] = -np.inf
-    cos[0] = -np.inf
-    k = min(k, len(vocab) - 2)
-    top = np.argpartition(-cos, k)[:k] if k < len(cos) else np.arange(len(cos))
-    top = top[np.argsort(-cos[top], kind="stable")]
-    return [(vocab.idx_to_token[i], float(cos[i])) for i in top]
+class UnitTable:
+    """The rows of a (V, D) table scaled to unit length, without a normalised copy of the table.
+
+    The norms are computed once (one (V,) float64 vector); unit rows are made on demand, for a few
+    ids or one block of ``block_rows`` rows at a time, each bit for bit the row
+    :func:`normalize_rows` gives. ``vectors`` may be a read-only memory map.
+    """
+
+    def __init__(self, vectors: np.ndarray, chunk_bytes: int = CHUNK_BYTES):
+        self.vectors = vectors
+        self.chunk_bytes = chunk_bytes
+        self.block_rows = max(1, chunk_bytes // (8 * max(1, vectors.shape[1])))
+        self.norms = np.empty(len(vectors), dtype=np.float64)
+        for start in range(0, len(vectors), self.block_rows):
+            block = vectors[start : start + self.block_rows]
+            self.norms[start : start + len(block)] = row_norms(block)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def rows(self, ids: np.ndarray | slice) -> np.ndarray:
+        """(n, D) float32 unit rows: the given ids, or a slice of the table."""
+        if not isinstance(ids, slice):
+            ids = np.asarray(ids, dtype=np.int64)
+        return (self.vectors[ids] / self.norms[ids, None]).astype(np.float32)
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, unit rows) for consecutive blocks covering the table."""
+        for start in range(0, len(self), self.block_rows):
+            yield start, self.rows(slice(start, start + self.block_rows))
+
+    def cosine_blocks(self, queries: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(first query, first row, scores): ``queries @ unit.T`` in pieces of at most
+        ``chunk_bytes`` float32 scores, over every block of rows and slice of queries."""
+        for start, block in self.blocks():
+            per_chunk = max(1, self.chunk_bytes // (4 * len(block)))
+            for first in range(0, len(queries), per_chunk):
+                yield first, start, queries[first : first + per_chunk] @ block.T
 
 
-def probe_neighbours(
-    vectors: np.ndarray, vocab: Vocab, probes: list[str], k: int, unit: np.ndarray | None = None
-) -> dict[str, list[tuple[str, float]]]:
-    """Neighbours of each probe word in the vocabulary (probes not in it are skipped)."""
-    unit = normalize_rows(vectors) if unit is None else unit
-    return {w: nearest(vectors, vocab, w, k, unit) for w in probes if vocab[w] != 0}
+def top_k_cosine(table: UnitTable, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(len(ids), k) indices and cosines of each given row's nearest rows, best first (equal
+    cosines by index), from one pass over the table; the row itself and <unk> (row 0) are never
+    neighbours. ``k`` is capped at V - 2, the number of candidates."""
+    ids = np.asarray(ids, dtype=np.int64)
+    k = max(0, min(k, len(table) - 2))
+    best_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    best = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    if k == 0 or len(ids) == 0:
+        return best_ids, best
+    for first, start, scores in table.cosine_blocks(table.rows(ids)):
+        here = slice(first, first + len(scores))
+        own = ids[here] - start
+        inside = (own >= 0) & (own < scores.shape[1])
+        scores[np.flatnonzero(inside), own[inside]] = -np.inf
+        if start == 0:
+            scores[:, 0] = -np.inf
+        keep = min(k, scores.shape[1])
+        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        merged_ids = np.concatenate([best_ids[here], part + start], axis=1)
+        merged = np.concatenate([best[here], np.take_along_axis(scores, part, axis=1)], axis=1)
+        order = np.lexsort((merged_ids, -merged), axis=-1)[:, :k]
+        best_ids[here] = np.take_along_axis(merged_ids, order, axis=1)
+        best[here] = np.take_along_axis(merged, order, axis=1)
+    return best_ids, best
+
+
+def probe_neighbours(table: UnitTable, vocab: Vocab, probes: list[str],
+                     k: int) -> dict[str, list[tuple[str, float]]]:
+    """Top-k cosine neighbours of each probe word in the vocabulary (the others are skipped),
+    the word itself and <unk> excluded; one pass over the table for all of them."""
+    known = [w for w in dict.fromkeys(probes) if vocab[w] != 0]
+    top, cosines = top_k_cosine(table, np.array([vocab[w] for w in known], dtype=np.int64), k)
+    return {
+        word: [(vocab.idx_to_token[i], float(c)) for i, c in zip(row, cos, strict=True)]
+        for word, row, cos in zip(known, top.tolist(), cosines.tolist(), strict=True)
+    }
+
+
+def nearest(table: UnitTable, vocab: Vocab, word: str, k: int) -> list[tuple[str, float]]:
+    """Top-k cosine neighbours of a known word (a UserError for an unknown one)."""
+    vocab.index(word)
+    return probe_neighbours(table, vocab, [word], k)[word]
 
 
 # -- rank correlation ------------------------------------------------------------------------
@@ -181,12 +252,12 @@ def lookup(vocab: Vocab, rows: list[tuple[str, ...]]) -> np.ndarray:
     return np.asarray(flat, dtype=np.int64).reshape(len(rows), width)
 
 
-def score_similarity(unit: np.ndarray, vocab: Vocab, bench: WordPairs) -> dict[str, Any]:
+def score_similarity(table: UnitTable, vocab: Vocab, bench: WordPairs) -> dict[str, Any]:
     """Spearman between cosines and human scores over the pairs with both words known."""
     ids = lookup(vocab, bench.pairs)
     known = (ids != 0).all(axis=1)
     first, second = ids[known, 0], ids[known, 1]
-    cosines = (unit[first] * unit[second]).sum(axis=1)
+    cosines = (table.rows(first) * table.rows(second)).sum(axis=1)
     used, total = int(known.sum()), len(bench.pairs)
     return {
         "spearman": spearman(cosines, bench.scores[known]),
@@ -196,29 +267,38 @@ def score_similarity(unit: np.ndarray, vocab: Vocab, bench: WordPairs) -> dict[s
     }
 
 
-def answer_analogies(unit: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """3CosAdd: argmax over words of cos(w, b - a + c), a, b, c and <unk> never answers."""
-    answers = np.empty(len(ids), dtype=np.int64)
-    rows = np.arange(min(ANALOGY_CHUNK, len(ids)))
-    for start in range(0, len(ids), ANALOGY_CHUNK):
-        chunk = ids[start : start + ANALOGY_CHUNK]
-        a, b, c = chunk[:, 0], chunk[:, 1], chunk[:, 2]
-        scores = (unit[b] - unit[a] + unit[c]) @ unit.T
-        here = rows[: len(chunk)]
-        scores[here, a] = -np.inf
-        scores[here, b] = -np.inf
-        scores[here, c] = -np.inf
-        scores[:, 0] = -np.inf
-        answers[start : start + len(chunk)] = scores.argmax(axis=1)
+def answer_analogies(table: UnitTable, ids: np.ndarray) -> np.ndarray:
+    """3CosAdd: argmax over words of cos(w, b - a + c), a, b, c and <unk> never answers.
+
+    A running argmax over blocks of questions x rows; a later block takes over only with a
+    strictly higher score, so ties go to the lower index as one whole-matrix argmax would.
+    """
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1, 4)
+    queries = table.rows(ids[:, 1]) - table.rows(ids[:, 0]) + table.rows(ids[:, 2])
+    answers = np.zeros(len(ids), dtype=np.int64)
+    best = np.full(len(ids), -np.inf, dtype=np.float32)
+    for first, start, scores in table.cosine_blocks(queries):
+        here = slice(first, first + len(scores))
+        for column in range(3):
+            own = ids[here, column] - start
+            inside = (own >= 0) & (own < scores.shape[1])
+            scores[np.flatnonzero(inside), own[inside]] = -np.inf
+        if start == 0:
+            scores[:, 0] = -np.inf
+        top = scores.argmax(axis=1)
+        top_scores = scores[np.arange(len(scores)), top]
+        better = top_scores > best[here]
+        answers[here][better] = top[better] + start
+        best[here][better] = top_scores[better]
     return answers
 
 
-def score_analogies(unit: np.ndarray, vocab: Vocab, bench: Analogies) -> dict[str, Any]:
+def score_analogies(table: UnitTable, vocab: Vocab, bench: Analogies) -> dict[str, Any]:
     """3CosAdd accuracy over the questions whose four words are all known."""
     ids = lookup(vocab, bench.questions)
     known = (ids != 0).all(axis=1) if len(ids) else np.zeros(0, dtype=bool)
     covered = ids[known]
-    correct = int((answer_analogies(unit, covered) == covered[:, 3]).sum()) if len(covered) else 0
+    correct = int((answer_analogies(table, covered) == covered[:, 3]).sum()) if len(covered) else 0
     used, total = int(known.sum()), len(bench.questions)
     return {
         "accuracy": correct / used if used else float("nan"),
@@ -229,14 +309,12 @@ def score_analogies(unit: np.ndarray, vocab: Vocab, bench: Analogies) -> dict[st
     }
 
 
-def score_benchmarks(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks,
-                     unit: np.ndarray | None = None) -> dict[str, Any]:
+def score_benchmarks(table: UnitTable, vocab: Vocab, benchmarks: Benchmarks) -> dict[str, Any]:
     """Every benchmark's score and coverage, keyed by benchmark name."""
-    unit = normalize_rows(vectors) if unit is None else unit
     results: dict[str, Any] = {
-        bench.name: score_similarity(unit, vocab, bench) for bench in benchmarks.similarity
+        bench.name: score_similarity(table, vocab, bench) for bench in benchmarks.similarity
     }
-    results[benchmarks.analogies.name] = score_analogies(unit, vocab, benchmarks.analogies)
+    results[benchmarks.analogies.name] = score_analogies(table, vocab, benchmarks.analogies)
     return results
 
 
@@ -285,12 +363,12 @@ class TrainingEvaluator:
 def judge(vectors: np.ndarray, vocab: Vocab, benchmarks: Benchmarks | None, probes: list[str],
           k: int) -> dict[str, Any]:
     """Probe neighbours, and the benchmark scores when there are benchmarks, from one
-    normalisation of the table."""
-    unit = normalize_rows(vectors)
+    computation of the row norms."""
+    table = UnitTable(vectors)
     record: dict[str, Any] = {}
     if benchmarks is not None:
-        record["benchmarks"] = score_benchmarks(vectors, vocab, benchmarks, unit)
-    record["neighbours"] = probe_neighbours(vectors, vocab, probes, k, unit)
+        record["benchmarks"] = score_benchmarks(table, vocab, benchmarks)
+    record["neighbours"] = probe_neighbours(table, vocab, probes, k)
     return record
 
 

@@ -9,6 +9,7 @@ keeps gensim's ``most_similar`` on an export equal to ``similar`` on the run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,21 @@ from dist_w2v.outputs.artifacts import Embeddings
 FORMATS = ("word2vec-text", "word2vec-binary", "npy")
 
 
+# Rows converted and written per write call: a 1M-word table is never copied, or turned into
+# Python floats, as a whole (10,000 x 300 float32 is 12 MB).
+EXPORT_ROWS = 10_000
+
+
 def exported_rows(emb: Embeddings) -> tuple[list[str], np.ndarray]:
-    """The trained words and their float32 vectors, ``<unk>`` (row 0) left out."""
-    return emb.vocab.idx_to_token[1:], np.ascontiguousarray(emb.center[1:], dtype=np.float32)
+    """The trained words and their vectors, ``<unk>`` (row 0) left out; the vectors are a view
+    of the center table (perhaps memory-mapped), made float32 block by block as they are written."""
+    return emb.vocab.idx_to_token[1:], emb.center[1:]
+
+
+def row_blocks(vectors: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows as little-endian float32), ``EXPORT_ROWS`` rows at a time."""
+    for start in range(0, len(vectors), EXPORT_ROWS):
+        yield start, np.ascontiguousarray(vectors[start : start + EXPORT_ROWS], dtype="<f4")
 
 
 def write_word2vec_text(words: list[str], vectors: np.ndarray, path: Path) -> None:
@@ -29,18 +42,21 @@ def write_word2vec_text(words: list[str], vectors: np.ndarray, path: Path) -> No
     with open(path, "w", encoding="utf-8") as out:
         out.write(f"{len(words)} {vectors.shape[1]}\n")
         row_format = " ".join(["%.9g"] * vectors.shape[1])
-        for word, row in zip(words, vectors.tolist(), strict=True):
-            out.write(f"{word} {row_format % tuple(row)}\n")
+        for start, block in row_blocks(vectors):
+            names = words[start : start + len(block)]
+            out.write("".join(f"{word} {row_format % tuple(row)}\n"
+                              for word, row in zip(names, block.tolist(), strict=True)))
 
 
 def write_word2vec_binary(words: list[str], vectors: np.ndarray, path: Path) -> None:
     """The original word2vec C layout: text header, then ``word `` + D little-endian float32s +
     newline per word (gensim reads it with or without the newline; the C tools expect it)."""
-    little = vectors.astype("<f4")
     with open(path, "wb") as out:
         out.write(f"{len(words)} {vectors.shape[1]}\n".encode())
-        for word, row in zip(words, little, strict=True):
-            out.write(word.encode("utf-8") + b" " + row.tobytes() + b"\n")
+        for start, block in row_blocks(vectors):
+            names = words[start : start + len(block)]
+            out.write(b"".join(word.encode("utf-8") + b" " + row.tobytes() + b"\n"
+                               for word, row in zip(names, block, strict=True)))
 
 
 def npy_vocab_path(path: Path) -> Path:
@@ -49,9 +65,15 @@ def npy_vocab_path(path: Path) -> Path:
 
 
 def write_npy(words: list[str], vectors: np.ndarray, path: Path) -> None:
-    """A (V-1, D) float32 array, and the words one per line in row order beside it."""
+    """A (V-1, D) float32 array, and the words one per line in row order beside it.
+
+    The bytes ``np.save`` writes for a float32 array, header first, then the rows block by block.
+    """
+    header = {"descr": "<f4", "fortran_order": False, "shape": tuple(vectors.shape)}
     with open(path, "wb") as out:
-        np.save(out, vectors)
+        np.lib.format.write_array_header_1_0(out, header)
+        for _, block in row_blocks(vectors):
+            out.write(block.tobytes())
     npy_vocab_path(path).write_text("".join(w + "\n" for w in words), encoding="utf-8")
 
 
