@@ -1,18 +1,27 @@
-"""``dist-w2v train`` end to end: config, process group, run directory, trainer, teardown."""
+"""``dist-w2v train`` end to end: config, process group, run directory, trainer, teardown.
+
+Everything that can refuse a run is checked before anything is written to the run directory:
+the lock (one run per directory), checkpoints without ``--resume``, finished outputs without
+``--overwrite``, the data source, and a resumed checkpoint's fit to the config. Only then is
+``config.yaml`` written. ``dist-w2v train --check`` runs the same checks and stops.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from dist_w2v.config import Config, load_config
 from dist_w2v.data.corpus import Vocab, corpus_path
 from dist_w2v.errors import UserError
+from dist_w2v.outputs.artifacts import CENTER_FILE
 from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
 from dist_w2v.parallel.env import DistEnv, distributed, on_main_rank
-from dist_w2v.train.checkpoint import Checkpointer
-from dist_w2v.train.loop import Trainer
+from dist_w2v.train.checkpoint import Checkpointer, Found
+from dist_w2v.train.lock import check_unlocked, run_dir_lock
+from dist_w2v.train.loop import Trainer, check_compatible
 from dist_w2v.train.stop import StopRequest, requeue_slurm_job
 
 
@@ -36,6 +45,48 @@ def effective_resume(resume: str | None, env: DistEnv, checkpointer: Checkpointe
     return resume
 
 
+def refuse_finished_outputs(run_dir: Path, resume: str | None, overwrite: bool,
+                            checkpointer: Checkpointer) -> None:
+    """A fresh start (no --resume, or --resume auto with no checkpoint) never silently replaces
+    a finished run's word vectors; resuming that run's own checkpoints may rewrite them."""
+    fresh = resume is None or (resume == "auto" and not checkpointer.checkpoints())
+    if fresh and not overwrite and (run_dir / CENTER_FILE).exists():
+        raise UserError(
+            f"{run_dir} already holds a finished run's outputs ({CENTER_FILE}); pass --overwrite "
+            "to replace them, or choose another --run-dir"
+        )
+
+
+def check_data(cfg: Config) -> Path:
+    """The one check that the training data is there (PTB is fetched into its cache when
+    missing, as training would); returns the corpus file. Raises a one-line UserError."""
+    return corpus_path(cfg.data)
+
+
+@contextlib.contextmanager
+def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the block; every rank fails if it is taken."""
+    with contextlib.ExitStack() as stack:
+        on_main_rank(env, lambda: stack.enter_context(run_dir_lock(run_dir)))
+        yield
+
+
+def check_run(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
+              overwrite: bool) -> int:
+    """``train --check``: config, run directory and data, as a run would check them; writes
+    nothing to the run directory and prints nothing when all is well."""
+    cfg = load_config(config_path, overrides)
+    run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
+    check_unlocked(run_path)
+    checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, DistEnv())
+    resume = effective_resume(resume, DistEnv(), checkpointer)
+    refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise UserError(f"checkpoint {resume} not found; pass an existing file or --resume auto")
+    check_data(cfg)
+    return 0
+
+
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv) -> None:
     """Rank 0 creates the run directory and writes the resolved config; the others wait."""
 
@@ -55,16 +106,29 @@ def make_evaluator(cfg: Config, vocab: Vocab, say: Callable[[str], None]) -> Tra
     return TrainingEvaluator(vocab, cfg.eval.probes, cfg.eval.k, say)
 
 
+def resolve_and_check(trainer: Trainer, resume: str | None, cfg: Config) -> str | None:
+    """Find the checkpoint to resume and refuse one of another run, before anything is written;
+    returns what Trainer.resume should load (the verified file, so it is not searched again)."""
+    found: Found | None = trainer.checkpointer.resolve(resume)
+    if found is None:
+        return resume
+    check_compatible(found, trainer.vocab, cfg)
+    return str(found.path)
+
+
 def run_train(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
-              environ: Mapping[str, str]) -> int:
+              environ: Mapping[str, str], overwrite: bool = False) -> int:
     cfg = load_config(config_path, overrides)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
-    with StopRequest() as stop, distributed(cfg, environ) as env:
+    with StopRequest() as stop, distributed(cfg, environ) as env, run_dir_held(env, run_path):
+        checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, env)
+        resume = effective_resume(resume, env, checkpointer)
+        refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
         logger = make_logger(cfg, env, run_path)
         # Rank 0 alone fetches PTB when it is missing, so ranks never race on the same files.
-        on_main_rank(env, lambda: corpus_path(cfg.data))
+        on_main_rank(env, lambda: check_data(cfg))
         trainer = Trainer(cfg, env, run_path, logger, stop=stop)
-        resume = effective_resume(resume, env, trainer.checkpointer)
+        resume = resolve_and_check(trainer, resume, cfg)
         prepare_run_dir(run_path, cfg, env)
         logger.use_wandb(start_wandb(cfg, env, run_path, resume is not None, environ))
         trainer.evaluate = make_evaluator(cfg, trainer.vocab, logger.info)
