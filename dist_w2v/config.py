@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dist_w2v.atomic import write_text_atomically
 from dist_w2v.errors import UserError
 
 
@@ -48,6 +49,8 @@ class DataConfig:
     """Redraw subsampling, windows and negatives every epoch (word2vec); false = d2l's draw-once."""
 
     def __post_init__(self) -> None:
+        _require(self.corpus is None or self.corpus.strip() != "", "data.corpus",
+                 "is empty; give a corpus file, or leave data.corpus unset (null) for PTB")
         _require(self.max_sentences >= 0, "data.max_sentences", "must be >= 0 (0 = all)")
         _require(self.min_count >= 1, "data.min_count", "must be >= 1")
         _require(self.subsample_t > 0, "data.subsample_t", "must be > 0")
@@ -194,7 +197,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _section_types(cls: type) -> dict[str, Any]:
@@ -300,7 +303,10 @@ def load_config(
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it "
+                            "as UTF-8") from None
         except yaml.YAMLError as exc:
             first_line = str(exc).splitlines()[0]
             raise UserError(f"config file {path} is not valid YAML ({first_line})") from None
