@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from dist_w2v.atomic import write_text_atomically
 from dist_w2v.config import Config
 from dist_w2v.errors import UserError
 from dist_w2v.outputs import strict_json
@@ -107,7 +108,8 @@ class RunLogger(NullLogger):
 
     def rewrite_history(self, history: list[dict[str, Any]]) -> None:
         """On resume: metrics.jsonl becomes exactly what the checkpoint had logged."""
-        self.metrics_path.write_text("".join(strict_json.dumps(r) + "\n" for r in history))
+        write_text_atomically(self.metrics_path,
+                              "".join(strict_json.dumps(r) + "\n" for r in history))
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
