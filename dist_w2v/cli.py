@@ -15,6 +15,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/ptb.yaml")
     p.add_argument("--run-dir", help="where outputs and checkpoints go (default runs/CONFIG_NAME)")
     p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run's outputs in --run-dir (otherwise refused)")
+    p.add_argument("--check", action="store_true",
+                   help="only check the config, the run dir and the data, then exit (0 = ok)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
     p.set_defaults(func=cmd_train)
 
@@ -101,9 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dist_w2v.train.run import run_train
+    from dist_w2v.train.run import check_run, run_train
 
-    return run_train(args.config, args.overrides, args.run_dir, args.resume, os.environ)
+    if args.check:
+        return check_run(args.config, args.overrides, args.run_dir, args.resume, args.overwrite,
+                         os.environ)
+    return run_train(args.config, args.overrides, args.run_dir, args.resume, os.environ,
+                     overwrite=args.overwrite)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -142,24 +150,22 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
-
-    from dist_w2v.outputs.artifacts import load_embeddings
-    from dist_w2v.outputs.evaluate import (
-        evaluation_report,
-        format_report,
-        json_safe,
-        load_benchmarks,
-    )
+    from dist_w2v.outputs import strict_json
+    from dist_w2v.outputs.artifacts import load_embeddings, non_finite_table
+    from dist_w2v.outputs.evaluate import evaluation_report, format_report, load_benchmarks
 
     if args.k < 1:
         raise UserError("-k must be >= 1")
     benchmarks = load_benchmarks()
     emb = load_embeddings(args.run_dir, args.checkpoint)
+    bad = non_finite_table(emb)
+    if bad is not None:
+        raise UserError(f"{args.run_dir or args.checkpoint}: the {bad}; the run diverged, so "
+                        "there is nothing to evaluate (retrain with a lower train.lr)")
     probes = [w for w in args.probes.split(",") if w]
     report = evaluation_report(emb.center, emb.vocab, benchmarks, probes, args.k)
     report = {"source": args.run_dir or args.checkpoint, **report}
-    print(json.dumps(json_safe(report)) if args.json else format_report(report))
+    print(strict_json.dumps(report) if args.json else format_report(report))
     return 0
 
 
@@ -168,7 +174,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dist_w2v.outputs.export import export_embeddings
 
     emb = load_embeddings(args.run_dir, args.checkpoint)
-    for path in export_embeddings(emb, args.format, Path(args.out)):
+    sources = [Path(p) for p in (args.run_dir, args.checkpoint) if p]
+    for path in export_embeddings(emb, args.format, Path(args.out), sources):
         print(f"wrote {path}")
     return 0
 
@@ -196,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"dist-w2v: error: {exc}", file=sys.stderr)
+        # Under torchrun every rank meets the same error; one line is enough, so rank 0 says it.
+        from dist_w2v.parallel.env import launch_rank
+
+        if launch_rank(os.environ) == 0:
+            print(f"dist-w2v: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dist-w2v: interrupted", file=sys.stderr)

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dist_w2v.atomic import write_text_atomically
 from dist_w2v.errors import UserError
 
 
@@ -62,9 +63,9 @@ class DataConfig:
     shard at a time, so memory follows this, not the corpus length."""
 
     def __post_init__(self) -> None:
-        _require(self.corpus != "", "data.corpus",
-                 "is empty; give a text file, or leave data.corpus unset for PTB")
-        _require(self.prepared != "", "data.prepared",
+        _require(self.corpus is None or self.corpus.strip() != "", "data.corpus",
+                 "is empty; give a corpus file, or leave data.corpus unset (null) for PTB")
+        _require(self.prepared is None or self.prepared.strip() != "", "data.prepared",
                  "is empty; give a folder written by `dist-w2v prepare`, or leave it unset")
         _require(not (self.prepared and self.corpus), "data.prepared",
                  "and data.corpus are both set; train on one of them")
@@ -221,7 +222,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 def _section_types(cls: type) -> dict[str, Any]:
@@ -327,7 +328,10 @@ def load_config(
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it "
+                            "as UTF-8") from None
         except yaml.YAMLError as exc:
             first_line = str(exc).splitlines()[0]
             raise UserError(f"config file {path} is not valid YAML ({first_line})") from None

@@ -7,6 +7,9 @@
 # Every argument goes to `dist-w2v train`. train.batch_size is the global batch: each of the
 # NPROC processes takes batch_size / NPROC examples per step, so a config trains the same run on
 # any number of processes (the batch size must divide by NPROC).
+#
+# The arguments are checked once (`dist-w2v train --check`: config, run dir, data) before
+# torchrun starts, so a mistake is one line here rather than one per worker.
 set -euo pipefail
 
 # GPUs CUDA will show the workers: CUDA_VISIBLE_DEVICES when it is set (CUDA stops at the first
@@ -31,5 +34,7 @@ if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(visible_gpus)
   if (( NPROC == 0 )); then NPROC=2; fi
 fi
+
+dist-w2v train --check "$@"
 
 exec torchrun --standalone --nproc_per_node="$NPROC" -m dist_w2v.cli train "$@"

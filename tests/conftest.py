@@ -50,10 +50,25 @@ def shared_small_corpus(tmp_path_factory: pytest.TempPathFactory, ptb: Path) -> 
     return path
 
 
+# torchrun's agent makes a log folder per launch with tempfile.mkdtemp("torchelastic_...") and
+# never removes it; launches from tests put theirs (and any other temp file) under pytest's own
+# temporary tree, which pytest prunes, instead of /tmp.
+TEST_TMPDIR: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def launch_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("launch-tmp")
+    TEST_TMPDIR[:] = [path]
+    return path
+
+
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_", "MASTER_", "TORCHELASTIC", "SLURM_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launcher_vars)}
     env.update({"DIST_W2V_DATA": str(ptb_dir()), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    if TEST_TMPDIR:
+        env["TMPDIR"] = str(TEST_TMPDIR[0])
     env.update(extra or {})
     return env
 

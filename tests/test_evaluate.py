@@ -266,7 +266,7 @@ def test_eval_without_gensim_says_how_to_install(vector_run, capsys, monkeypatch
     assert main(["eval", "--run-dir", str(vector_run)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dist-w2v: error: ") and err.count("\n") == 1
-    assert "pip install 'dist-w2v[eval]'" in err
+    assert "pip install gensim" in err and "pip install -e '.[eval]'" in err  # from a checkout
 
 
 # -- evaluation during a 2-process run --------------------------------------------------------

@@ -57,7 +57,7 @@ def make_stubs(stub_dir: Path, names: tuple[str, ...]) -> Path:
 
 @pytest.fixture
 def stubs(tmp_path: Path) -> Path:
-    return make_stubs(tmp_path / "bin", ("srun", "scontrol", "torchrun", "nvidia-smi"))
+    return make_stubs(tmp_path / "bin", ("srun", "scontrol", "torchrun", "nvidia-smi", "dist-w2v"))
 
 
 def run_script(script: Path, args: list[str], stub_dir: Path, **env: str) -> list[list[str]]:
@@ -92,7 +92,8 @@ def torchrun_line(nproc: int) -> list[str]:
 def test_launch_script_runs_torchrun_with_one_process_per_visible_gpu(stubs, env, nproc):
     calls = run_script(LAUNCH, TRAIN_ARGS, stubs, **env)
     assert calls[-1] == torchrun_line(nproc)
-    assert [c[0] for c in calls[:-1]] in ([], ["nvidia-smi"])
+    assert calls[-2] == ["dist-w2v", "train", "--check", *TRAIN_ARGS]  # checked once, first
+    assert [c[0] for c in calls[:-2]] in ([], ["nvidia-smi"])
 
 
 def sbatch_directives() -> list[str]:

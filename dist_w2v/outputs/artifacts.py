@@ -2,21 +2,30 @@
 
 Also loads the same from a checkpoint file, so ``similar``, ``eval`` and ``export`` work on a
 run directory or on any checkpoint.
+
+The three files are written as a set through :mod:`dist_w2v.atomic`: a failure (a full disk)
+leaves the previous outputs as they were. Tables holding NaN or infinity (a diverged run) are
+never written.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dist_w2v.atomic import save_npy, write_all
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
 
 CENTER_FILE = "center.npy"
 CONTEXT_FILE = "context.npy"
 VOCAB_FILE = "vocab.json"
+# Everything a run directory may hold: `export --out` never writes over one of these.
+RUN_FILES = frozenset({CENTER_FILE, CONTEXT_FILE, VOCAB_FILE, "config.yaml", "metrics.jsonl",
+                       "loss.png", "checkpoints", "wandb-run-id", "wandb", ".lock"})
 
 
 @dataclass
@@ -26,10 +35,36 @@ class Embeddings:
     vocab: Vocab
 
 
+def non_finite_table(embeddings: Embeddings) -> str | None:
+    """"center table (12 of 1600 values are NaN or infinite)", or None when both are finite."""
+    for name, table in (("center", embeddings.center), ("context", embeddings.context)):
+        bad = int(table.size - np.isfinite(table).sum())
+        if bad:
+            return f"{name} table ({bad} of {table.size} values are NaN or infinite)"
+    return None
+
+
 def save_outputs(run_dir: Path, embeddings: Embeddings) -> None:
-    np.save(run_dir / CENTER_FILE, embeddings.center)
-    np.save(run_dir / CONTEXT_FILE, embeddings.context)
-    embeddings.vocab.save(run_dir / VOCAB_FILE)
+    """center.npy, context.npy and vocab.json, replaced together or not at all."""
+    bad = non_finite_table(embeddings)
+    if bad is not None:
+        raise UserError(
+            f"not writing the outputs to {run_dir}: the {bad}; training diverged, lower "
+            "train.lr and train again"
+        )
+    vocab_json = json.dumps(embeddings.vocab.to_dict()).encode("utf-8")
+    try:
+        write_all([
+            (run_dir / CENTER_FILE, lambda out: save_npy(out, embeddings.center)),
+            (run_dir / CONTEXT_FILE, lambda out: save_npy(out, embeddings.context)),
+            (run_dir / VOCAB_FILE, lambda out: out.write(vocab_json)),
+        ])
+    except OSError as exc:
+        raise UserError(
+            f"could not write the outputs to {run_dir} ({exc.strerror or exc}); the previous "
+            "outputs and the checkpoints are intact: free disk space, then rerun with "
+            "--resume auto"
+        ) from None
 
 
 def load_run(run_dir: Path) -> Embeddings:

@@ -21,13 +21,14 @@ import numpy as np
 
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.outputs.strict_json import json_safe  # noqa: F401 - the --json schema's helper
 
 WORDSIM353 = "wordsim353.tsv"
 SIMLEX999 = "simlex999.txt"
 ANALOGIES = "questions-words.txt"
 GENSIM_MISSING = (
     "the benchmark files come with gensim, which is not installed; "
-    "install the optional extra: pip install 'dist-w2v[eval]' (or pip install gensim)"
+    "install it: pip install gensim (from a checkout: pip install -e '.[eval]')"
 )
 # The most bytes one block of normalised rows (float64 while dividing) or of float32 scores may
 # take: a 1M x 300 table is read 27,962 rows at a time, whatever its size.
@@ -341,6 +342,17 @@ class TrainingEvaluator:
         self.say = say
         self._benchmarks: Benchmarks | None = None
         self._looked_for_benchmarks = False
+        self._named_missing_probes = False
+
+    def name_missing_probes(self) -> None:
+        """Once per run: the probe words the vocabulary lacks (they are skipped, not shown)."""
+        if self._named_missing_probes:
+            return
+        self._named_missing_probes = True
+        missing = [w for w in self.probes if self.vocab[w] == 0]
+        if missing:
+            self.say(f"eval: probe words not in the vocabulary, skipped: {', '.join(missing)} "
+                     "(set eval.probes to words of this corpus)")
 
     def benchmarks(self) -> Benchmarks | None:
         if not self._looked_for_benchmarks:
@@ -348,12 +360,14 @@ class TrainingEvaluator:
             self._benchmarks = benchmarks_if_available()
             if self._benchmarks is None:
                 self.say("eval: gensim is not installed, so only neighbours are logged; "
-                         "pip install 'dist-w2v[eval]' adds WordSim353, SimLex-999 and analogies")
+                         "pip install gensim (or pip install -e '.[eval]' in a checkout) adds "
+                         "WordSim353, SimLex-999 and analogies")
         return self._benchmarks
 
     def __call__(self, model: Any, epoch: int, global_step: int) -> dict[str, Any]:
         """``model``: anything with a ``center`` embedding table (the unwrapped SkipGram)."""
         started = time.perf_counter()
+        self.name_missing_probes()
         vectors = model.center.weight.detach().cpu().numpy()
         record = judge(vectors, self.vocab, self.benchmarks(), self.probes, self.k)
         record["seconds"] = time.perf_counter() - started
@@ -402,14 +416,3 @@ def format_report(report: dict[str, Any]) -> str:
 
 def format_neighbours(found: list[tuple[str, float]]) -> str:
     return ", ".join(f"{w} {s:.3f}" for w, s in found)
-
-
-def json_safe(value: Any) -> Any:
-    """NaN (a score over too few items) becomes null, so the output is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value

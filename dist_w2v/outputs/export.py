@@ -9,13 +9,15 @@ keeps gensim's ``most_similar`` on an export equal to ``similar`` on the run.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
+from dist_w2v.atomic import write_all
 from dist_w2v.errors import UserError
-from dist_w2v.outputs.artifacts import Embeddings
+from dist_w2v.outputs.artifacts import CENTER_FILE, RUN_FILES, Embeddings
 
 FORMATS = ("word2vec-text", "word2vec-binary", "npy")
 
@@ -37,26 +39,24 @@ def row_blocks(vectors: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
         yield start, np.ascontiguousarray(vectors[start : start + EXPORT_ROWS], dtype="<f4")
 
 
-def write_word2vec_text(words: list[str], vectors: np.ndarray, path: Path) -> None:
+def write_word2vec_text(words: list[str], vectors: np.ndarray, out: BinaryIO) -> None:
     """``V D`` header, then ``word x1 ... xD`` per line; 9 significant digits round-trip float32."""
-    with open(path, "w", encoding="utf-8") as out:
-        out.write(f"{len(words)} {vectors.shape[1]}\n")
-        row_format = " ".join(["%.9g"] * vectors.shape[1])
-        for start, block in row_blocks(vectors):
-            names = words[start : start + len(block)]
-            out.write("".join(f"{word} {row_format % tuple(row)}\n"
-                              for word, row in zip(names, block.tolist(), strict=True)))
+    out.write(f"{len(words)} {vectors.shape[1]}\n".encode())
+    row_format = " ".join(["%.9g"] * vectors.shape[1])
+    for start, block in row_blocks(vectors):
+        names = words[start : start + len(block)]
+        out.write("".join(f"{word} {row_format % tuple(row)}\n"
+                          for word, row in zip(names, block.tolist(), strict=True)).encode())
 
 
-def write_word2vec_binary(words: list[str], vectors: np.ndarray, path: Path) -> None:
+def write_word2vec_binary(words: list[str], vectors: np.ndarray, out: BinaryIO) -> None:
     """The original word2vec C layout: text header, then ``word `` + D little-endian float32s +
     newline per word (gensim reads it with or without the newline; the C tools expect it)."""
-    with open(path, "wb") as out:
-        out.write(f"{len(words)} {vectors.shape[1]}\n".encode())
-        for start, block in row_blocks(vectors):
-            names = words[start : start + len(block)]
-            out.write(b"".join(word.encode("utf-8") + b" " + row.tobytes() + b"\n"
-                               for word, row in zip(names, block, strict=True)))
+    out.write(f"{len(words)} {vectors.shape[1]}\n".encode())
+    for start, block in row_blocks(vectors):
+        names = words[start : start + len(block)]
+        out.write(b"".join(word.encode("utf-8") + b" " + row.tobytes() + b"\n"
+                           for word, row in zip(names, block, strict=True)))
 
 
 def npy_vocab_path(path: Path) -> Path:
@@ -64,17 +64,20 @@ def npy_vocab_path(path: Path) -> Path:
     return path.with_suffix(".vocab.txt")
 
 
-def write_npy(words: list[str], vectors: np.ndarray, path: Path) -> None:
-    """A (V-1, D) float32 array, and the words one per line in row order beside it.
+def write_npy(words: list[str], vectors: np.ndarray, out: BinaryIO) -> None:
+    """A (V-1, D) float32 array; its words go beside it (:func:`write_npy_vocab`).
 
     The bytes ``np.save`` writes for a float32 array, header first, then the rows block by block.
     """
     header = {"descr": "<f4", "fortran_order": False, "shape": tuple(vectors.shape)}
-    with open(path, "wb") as out:
-        np.lib.format.write_array_header_1_0(out, header)
-        for _, block in row_blocks(vectors):
-            out.write(block.tobytes())
-    npy_vocab_path(path).write_text("".join(w + "\n" for w in words), encoding="utf-8")
+    np.lib.format.write_array_header_1_0(out, header)
+    for _, block in row_blocks(vectors):
+        out.write(block.tobytes())
+
+
+def write_npy_vocab(words: list[str], out: BinaryIO) -> None:
+    """The words of an .npy export, one per line in row order."""
+    out.write("".join(w + "\n" for w in words).encode("utf-8"))
 
 
 WRITERS = {
@@ -84,16 +87,46 @@ WRITERS = {
 }
 
 
-def export_embeddings(emb: Embeddings, fmt: str, out: Path) -> list[Path]:
-    """Write the word vectors in ``fmt`` to ``out``; returns the files written."""
+def protected(target: Path, sources: list[Path]) -> bool:
+    """True when ``target`` is one of the files an export reads from or a run directory's own
+    file (center.npy, config.yaml, checkpoints/..., in a folder that holds a run)."""
+    target = target.resolve()
+    if any(target == source.resolve() for source in sources):
+        return True
+    folder = target.parent
+    looks_like_run = any((folder / name).exists() for name in ("config.yaml", CENTER_FILE,
+                                                                 "checkpoints"))
+    in_checkpoints = folder.name == "checkpoints" and (folder.parent / "config.yaml").exists()
+    return (target.name in RUN_FILES and looks_like_run) or in_checkpoints
+
+
+def export_embeddings(emb: Embeddings, fmt: str, out: Path,
+                      sources: list[Path] | None = None) -> list[Path]:
+    """Write the word vectors in ``fmt`` to ``out``; returns the files written.
+
+    Every file is replaced atomically (all or nothing); ``out`` may not be a file the vectors
+    come from (``sources``) or any run directory's own file.
+    """
     if fmt not in WRITERS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
+    targets = [out, npy_vocab_path(out)] if fmt == "npy" else [out]
+    for target in targets:
+        if protected(target, sources or []):
+            raise UserError(f"refusing to write {target}: it is a run's own file; choose an "
+                            "--out outside the run's files (e.g. vectors.txt next to it)")
+        if target.is_dir():
+            raise UserError(f"cannot write {target}: it is a folder; give a file name to --out")
     words, vectors = exported_rows(emb)
+    files: list[tuple[Path, Callable[[BinaryIO], object]]] = [
+        (out, lambda handle: WRITERS[fmt](words, vectors, handle))]
+    if fmt == "npy":
+        files.append((targets[1], lambda handle: write_npy_vocab(words, handle)))
     try:
-        WRITERS[fmt](words, vectors, out)
+        write_all(files)
     except OSError as exc:
-        raise UserError(f"cannot write {out} ({exc.strerror}); choose a writable --out") from None
-    return [out, npy_vocab_path(out)] if fmt == "npy" else [out]
+        raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable --out "
+                        "with free space (nothing was changed)") from None
+    return targets

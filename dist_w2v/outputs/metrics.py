@@ -20,8 +20,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from dist_w2v.atomic import write_text_atomically
 from dist_w2v.config import Config
 from dist_w2v.errors import UserError
+from dist_w2v.outputs import strict_json
 from dist_w2v.outputs.evaluate import format_neighbours, headline
 from dist_w2v.outputs.plot import plot_loss_curve
 from dist_w2v.parallel.env import DistEnv
@@ -83,8 +85,10 @@ class RunLogger(NullLogger):
     """
 
     def __init__(self, run_dir: Path, stream: TextIO | None = None, wandb_run: Any = None,
-                 epochs: int | None = None, progress: bool | None = None):
+                 epochs: int | None = None, progress: bool | None = None,
+                 title: str | None = None):
         self.run_dir = run_dir
+        self.title = title or Path(run_dir).name
         self.stream = stream or sys.stdout
         self.metrics_path = run_dir / "metrics.jsonl"
         self.wandb_run = wandb_run
@@ -104,11 +108,12 @@ class RunLogger(NullLogger):
 
     def rewrite_history(self, history: list[dict[str, Any]]) -> None:
         """On resume: metrics.jsonl becomes exactly what the checkpoint had logged."""
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        write_text_atomically(self.metrics_path,
+                              "".join(strict_json.dumps(r) + "\n" for r in history))
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(strict_json.dumps(record) + "\n")
 
     def _wandb_log(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self.wandb_run is not None and values:
@@ -155,7 +160,12 @@ class RunLogger(NullLogger):
         """End of training: finish the bar, draw the loss curve, close the wandb run."""
         if self.bar is not None:
             self.bar.clear()
-        plot = plot_loss_curve(read_metrics(self.run_dir), self.run_dir / LOSS_PLOT)
+        try:
+            plot = plot_loss_curve(read_metrics(self.run_dir), self.run_dir / LOSS_PLOT,
+                                   self.title)
+        except OSError as exc:  # a full disk: say so, and let the run's own outcome stand
+            self.info(f"could not write {self.run_dir / LOSS_PLOT} ({exc.strerror or exc})")
+            plot = None
         if plot is not None:
             self.info(f"loss curve: {plot}")
         if self.wandb_run is not None:
@@ -175,7 +185,9 @@ def flatten_scores(results: dict[str, Any]) -> dict[str, float]:
 
 def make_logger(cfg: Config, env: DistEnv, run_dir: Path) -> NullLogger:
     """A :class:`RunLogger` on rank 0, a :class:`NullLogger` elsewhere."""
-    return RunLogger(run_dir, epochs=cfg.train.epochs) if env.is_main else NullLogger()
+    if not env.is_main:
+        return NullLogger()
+    return RunLogger(run_dir, epochs=cfg.train.epochs, title=cfg.log.run_name or run_dir.name)
 
 
 def wandb_init_arguments(cfg: Config, env: DistEnv, run_dir: Path, resume: bool,

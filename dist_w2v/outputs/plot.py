@@ -9,11 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dist_w2v.atomic import write_with
 
-def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path,
+                    title: str | None = None) -> Path | None:
     """Per-step window losses as a line and per-epoch losses as dots, against the global step.
 
-    Returns the file written, or None when the history holds no loss to draw.
+    ``title`` (the run's name) heads the plot and is stored as the PNG's Title. The file is
+    replaced atomically; an ``OSError`` (a full disk) leaves the previous plot. Returns the file
+    written, or None when the history holds no loss to draw.
     """
     steps = [r for r in history if r.get("kind") == "step"]
     epochs = [r for r in history if r.get("kind") == "epoch"]
@@ -33,10 +38,13 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
         ends = [r["global_step"] for r in epochs]
         middles = [(start + end) / 2 for start, end in zip([0, *ends[:-1]], ends, strict=True)]
         axes.plot(middles, [r["loss"] for r in epochs], "o", label="epoch mean loss")
+    if title:
+        axes.set_title(title)
     axes.set_xlabel("global step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, format="png")
+    metadata = {"Title": title} if title else {}
+    write_with(Path(path), lambda out: figure.savefig(out, format="png", metadata=metadata))
     return Path(path)

@@ -99,6 +99,19 @@ def read_launch_env(environ: Mapping[str, str]) -> LaunchInfo:
     return LaunchInfo(0, 0, 1, 1, "none")
 
 
+def launch_rank(environ: Mapping[str, str]) -> int:
+    """This process's global rank as its launcher set it (0 without one, or when unreadable);
+    cheap and never raising, for deciding who reports an error."""
+    try:
+        if "RANK" in environ:
+            return int(environ["RANK"])
+        if int(environ.get("SLURM_NTASKS", "1")) > 1:
+            return int(environ.get("SLURM_PROCID", "0"))
+    except ValueError:
+        pass
+    return 0
+
+
 def tasks_on_first_node(tasks_per_node: str) -> int:
     """SLURM writes tasks per node as "4", "4(x2)" or "4(x2),3"; the first count is ours to use."""
     match = re.match(r"\d+", tasks_per_node)

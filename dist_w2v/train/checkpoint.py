@@ -2,7 +2,13 @@
 
 A checkpoint file is ``MAGIC + sha256(payload) + payload`` where the payload is a ``torch.save``
 of the training state. The digest makes a truncated or bit-flipped file detectable before
-anything is unpickled. Files are written by rank 0 to a temporary name in the same directory,
+anything is unpickled. The digest is not a signature (anyone can compute it), so it proves nothing
+about where a file came from: the payload holds only tensors and plain containers (dict, list,
+tuple, str, int, float, bool, None), is checked to do so when it is written, and is read with
+``torch.load(weights_only=True)``, whose unpickler refuses every other class or function. A
+crafted file therefore cannot run code; it is refused with one line naming it. (safetensors would
+need a second file or a JSON sidecar for the optimizer state and history, and a new dependency,
+for the same guarantee.) Files are written by rank 0 to a temporary name in the same directory,
 flushed, fsynced and renamed into place, so the newest complete checkpoint is never replaced by
 a partial one; the other ranks learn the outcome through a collective, not a sleep.
 
@@ -12,9 +18,11 @@ of (seed, epoch), so (epoch, step) is the whole sampler position.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,10 +31,13 @@ from typing import Any
 
 import torch
 
+from dist_w2v.atomic import TMP_SUFFIX, write_atomically
 from dist_w2v.config import CkptConfig
 from dist_w2v.errors import UserError
 from dist_w2v.parallel.env import DistEnv, broadcast_flag
 
+# Unchanged since the first format: those files already held only tensors and plain containers,
+# so they load under weights_only=True as they are.
 MAGIC = b"DISTW2V-CKPT-1\n"
 DIGEST_BYTES = 32
 NAME = re.compile(r"^step-(\d{9,})\.pt$")
@@ -34,6 +45,11 @@ NAME = re.compile(r"^step-(\d{9,})\.pt$")
 
 class CorruptCheckpoint(UserError):
     """A checkpoint file that is truncated, altered or not ours."""
+
+
+class UnsafeCheckpoint(CorruptCheckpoint):
+    """A checkpoint whose digest is right but whose pickle asks for code: made on purpose, not
+    damaged by accident, so ``--resume auto`` stops on it rather than skipping to an older one."""
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -47,15 +63,69 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
+# Exact types: subclasses (numpy's float64 is a float, a namedtuple a tuple) pickle as their own
+# class, which weights_only loading refuses, so a save must refuse them first.
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+PLAIN_MAPPINGS = (dict, collections.OrderedDict)
+
+
+def check_plain(value: Any, where: str = "payload") -> None:
+    """Raise TypeError unless ``value`` is tensors and primitives in dicts, lists and tuples:
+    all that a checkpoint may hold, and all that ``weights_only=True`` loading will accept."""
+    if type(value) in PLAIN_MAPPINGS:
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"checkpoint {where} has a key of type {type(key).__name__}")
+            check_plain(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for index, item in enumerate(value):
+            check_plain(item, f"{where}[{index}]")
+    elif type(value) not in PLAIN_SCALARS and not isinstance(value, torch.Tensor):
+        raise TypeError(f"checkpoint {where} is a {type(value).__name__}; a checkpoint holds "
+                        "only tensors and plain containers")
+
+
+def make_payload(model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                 train_state: dict[str, Any], vocab: dict[str, list], config: dict[str, Any],
+                 corpus: str) -> dict[str, Any]:
+    """What a checkpoint holds, in one place: the unwrapped model's tensors (moved to the CPU),
+    the optimizer's state_dict, the loop's position and history (a plain dict, e.g.
+    ``dataclasses.asdict(TrainState)``: (epoch, step) is the stream position), the vocabulary's
+    and config's ``to_dict()``, and the fingerprint of the prepared corpus the stream reads."""
+    payload = {
+        "model": {k: v.detach().cpu() for k, v in model_state.items()},
+        "optimizer": optimizer_state,
+        "state": train_state,
+        "vocab": vocab,
+        "config": config,
+        "corpus": corpus,
+    }
+    check_plain(payload)
+    return payload
+
+
 def encode_checkpoint(payload: dict[str, Any]) -> bytes:
+    check_plain(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     body = buffer.getvalue()
     return MAGIC + hashlib.sha256(body).digest() + body
 
 
+UNSAFE = re.compile(r"(?:GLOBAL|global:?) ([\w.]+)")
+
+
+def unsafe_reason(exc: Exception) -> str:
+    """The class or function a refused pickle asked for, from torch's long message."""
+    match = UNSAFE.search(str(exc))
+    return f"it asks for {match.group(1)}" if match else "it holds objects that are not tensors"
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and verify one checkpoint file; a one-line CorruptCheckpoint when it is bad."""
+    """Load and verify one checkpoint file; a one-line CorruptCheckpoint when it is bad.
+
+    Nothing in the file is ever executed: the payload is read with ``weights_only=True``.
+    """
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -67,7 +137,13 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if hashlib.sha256(body).digest() != digest:
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt or truncated (checksum mismatch)")
     try:
-        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
+        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpoint(
+            f"checkpoint {path} was refused: {unsafe_reason(exc)}, and dist-w2v loads only "
+            "tensors and plain containers (no code runs on load); if it came from a trusted "
+            "older tool, load it yourself and torch.save its tensors and plain values again"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
         raise CorruptCheckpoint(
             f"checkpoint {path} cannot be loaded ({exc.__class__.__name__})"
@@ -75,29 +151,6 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or "model" not in payload or "state" not in payload:
         raise CorruptCheckpoint(f"checkpoint {path} is not a dist-w2v checkpoint")
     return payload
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to ``path.tmp`` in the same directory, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -148,7 +201,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         """Drop all but the newest ``keep`` checkpoints, and temp files of interrupted saves."""
-        stale = list(self.directory.glob("step-*.pt.tmp"))
+        stale = list(self.directory.glob(f"step-*.pt{TMP_SUFFIX}"))
         for old in self.checkpoints()[self.cfg.keep:] + stale:
             try:
                 old.unlink(missing_ok=True)
@@ -185,6 +238,8 @@ class Checkpointer:
         for path in candidates:
             try:
                 return Found(path, read_checkpoint(path))
+            except UnsafeCheckpoint:
+                raise
             except CorruptCheckpoint as exc:
                 self.say(f"skipping {exc}; trying the previous checkpoint")
         if candidates:

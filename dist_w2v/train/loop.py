@@ -27,9 +27,9 @@ from dist_w2v.errors import UserError
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
-from dist_w2v.parallel.env import DistEnv, all_sum, barrier, broadcast_flag
+from dist_w2v.parallel.env import DistEnv, all_sum, barrier, broadcast_flag, on_main_rank
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
-from dist_w2v.train.checkpoint import Checkpointer, Found
+from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
 from dist_w2v.train.optim import build_optimizer, set_learning_rate
 from dist_w2v.train.stop import StopRequest
 
@@ -71,15 +71,8 @@ def checkpoint_payload(
     model: SkipGram, optimizer: torch.optim.Optimizer, state: TrainState, vocab: Vocab, cfg: Config,
     corpus: PreparedCorpus,
 ) -> dict[str, Any]:
-    return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "state": asdict(state),
-        "vocab": vocab.to_dict(),
-        "config": cfg.to_dict(),
-        # (epoch, step) in the state is the stream position; this names the stream it is in.
-        "corpus": corpus.fingerprint,
-    }
+    return make_payload(model.state_dict(), optimizer.state_dict(), asdict(state), vocab.to_dict(),
+                        cfg.to_dict(), corpus.fingerprint)
 
 
 # Settings that say which run a checkpoint continues: another value would silently train a
@@ -193,9 +186,8 @@ class Trainer:
             self.stream.close()
         if not stopped:
             self.check_finite_tables()
-            if self.env.is_main:
-                save_outputs(self.run_dir, self.embeddings())
-        barrier(self.env)
+            # A full disk fails rank 0's write; the collective tells every rank to stop too.
+            on_main_rank(self.env, lambda: save_outputs(self.run_dir, self.embeddings()))
         return TrainResult(self.state, stopped, self.model)
 
     def exchange_shape(self) -> ExchangeShape:
@@ -323,7 +315,6 @@ class Trainer:
         """Log the epoch; a complete one is also evaluated and checkpointed, and the next
         begins. An incomplete one (train.max_steps) ends the run where it stands."""
         s = self.state
-        self.check_finite_tables()
         record = {
             "epoch": s.epoch + 1,
             "global_step": s.global_step,
@@ -360,6 +351,7 @@ class Trainer:
         barrier(self.env)
 
     def save_checkpoint(self) -> None:
+        self.check_finite_tables()  # so the newest checkpoint is always a good one
         payload = None
         if self.env.is_main:
             payload = checkpoint_payload(self.model, self.optimizer, self.state, self.vocab,

@@ -1,21 +1,37 @@
-"""``dist-w2v train`` end to end: config, process group, run directory, trainer, teardown."""
+"""``dist-w2v train`` end to end: config, process group, run directory, trainer, teardown.
+
+Everything that can refuse a run is checked before anything is written to the run directory:
+the lock (one run per directory), checkpoints without ``--resume``, finished outputs without
+``--overwrite``, the data source, and a resumed checkpoint's fit to the config. Only then is
+``config.yaml`` written. ``dist-w2v train --check`` runs the same checks and stops.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from dist_w2v.config import Config, load_config
 from dist_w2v.data.prepared import PreparedCorpus, load_prepared
-from dist_w2v.data.sources import prepared_dir_for
+from dist_w2v.data.sources import corpus_path, prepared_dir_for
 from dist_w2v.data.stream import check_shards
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.outputs.artifacts import CENTER_FILE
 from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
-from dist_w2v.parallel.env import DistEnv, distributed, on_main_rank, on_node_main, user_dirs
-from dist_w2v.train.checkpoint import Checkpointer
-from dist_w2v.train.loop import Trainer
+from dist_w2v.parallel.env import (
+    DistEnv,
+    UserDirs,
+    distributed,
+    on_main_rank,
+    on_node_main,
+    user_dirs,
+)
+from dist_w2v.train.checkpoint import Checkpointer, Found
+from dist_w2v.train.lock import check_unlocked, run_dir_lock
+from dist_w2v.train.loop import Trainer, check_compatible
 from dist_w2v.train.stop import StopRequest, requeue_slurm_job
 
 
@@ -37,6 +53,54 @@ def effective_resume(resume: str | None, env: DistEnv, checkpointer: Checkpointe
             "that run, or choose another --run-dir"
         )
     return resume
+
+
+def refuse_finished_outputs(run_dir: Path, resume: str | None, overwrite: bool,
+                            checkpointer: Checkpointer) -> None:
+    """A fresh start (no --resume, or --resume auto with no checkpoint) never silently replaces
+    a finished run's word vectors; resuming that run's own checkpoints may rewrite them."""
+    fresh = resume is None or (resume == "auto" and not checkpointer.checkpoints())
+    if fresh and not overwrite and (run_dir / CENTER_FILE).exists():
+        raise UserError(
+            f"{run_dir} already holds a finished run's outputs ({CENTER_FILE}); pass --overwrite "
+            "to replace them, or choose another --run-dir"
+        )
+
+
+def check_data(cfg: Config, dirs: UserDirs) -> None:
+    """The one check that the training data is there without preparing it: a prepared folder
+    that loads, or the text file to prepare (PTB is fetched into its cache when missing, as
+    training would). Raises a one-line UserError."""
+    if cfg.data.prepared:
+        load_prepared(cfg.data.prepared)
+    else:
+        corpus_path(cfg.data, dirs)
+
+
+@contextlib.contextmanager
+def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
+    """Rank 0 holds the run directory's lock for the block; every rank fails if it is taken."""
+    with contextlib.ExitStack() as stack:
+        on_main_rank(env, lambda: stack.enter_context(run_dir_lock(run_dir)))
+        yield
+
+
+def check_run(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
+              overwrite: bool, environ: Mapping[str, str]) -> int:
+    """``train --check``: config, run directory and data, as a run would check them; writes
+    nothing to the run directory and prints nothing when all is well."""
+    cfg = load_config(config_path, overrides)
+    dirs = user_dirs(environ)
+    run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
+    check_unlocked(run_path)
+    checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, DistEnv())
+    resume = effective_resume(resume, DistEnv(), checkpointer)
+    refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
+    if resume not in (None, "auto") and not Path(resume).is_file():
+        raise UserError(f"checkpoint {resume} not found; pass an existing file or --resume auto")
+    check_shards(cfg.data, cfg.train.batch_size, 1)
+    check_data(cfg, dirs)
+    return 0
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv) -> None:
@@ -67,16 +131,29 @@ def open_corpus(cfg: Config, env: DistEnv, environ: Mapping[str, str],
     return load_prepared(prepared_dir_for(cfg.data, dirs, say))
 
 
+def resolve_and_check(trainer: Trainer, resume: str | None, cfg: Config) -> str | None:
+    """Find the checkpoint to resume and refuse one of another run, before anything is written;
+    returns what Trainer.resume should load (the verified file, so it is not searched again)."""
+    found: Found | None = trainer.checkpointer.resolve(resume)
+    if found is None:
+        return resume
+    check_compatible(found, trainer.corpus, cfg)
+    return str(found.path)
+
+
 def run_train(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
-              environ: Mapping[str, str]) -> int:
+              environ: Mapping[str, str], overwrite: bool = False) -> int:
     cfg = load_config(config_path, overrides)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
-    with StopRequest() as stop, distributed(cfg, environ) as env:
+    with StopRequest() as stop, distributed(cfg, environ) as env, run_dir_held(env, run_path):
         check_shards(cfg.data, cfg.train.batch_size, env.world_size)
+        checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, env)
+        resume = effective_resume(resume, env, checkpointer)
+        refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
         logger = make_logger(cfg, env, run_path)
         corpus = open_corpus(cfg, env, environ, logger.info)
         trainer = Trainer(cfg, env, run_path, corpus, logger, stop=stop)
-        resume = effective_resume(resume, env, trainer.checkpointer)
+        resume = resolve_and_check(trainer, resume, cfg)
         prepare_run_dir(run_path, cfg, env)
         logger.use_wandb(start_wandb(cfg, env, run_path, resume is not None, environ))
         trainer.evaluate = make_evaluator(cfg, trainer.vocab, logger.info)

@@ -1,0 +1,388 @@
+"""Issue 11, "Trust": files a run can rely on, and runs that cannot trample each other.
+
+Crafted checkpoints run no code; one run per run directory; strict JSON; atomic outputs that a
+full disk cannot half-write; no silent overwrite; `train --check`; one error line per launch.
+Real CLI processes, real files, real torchrun; each test fails if its feature is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, cli_env, run_cli
+from test_launch_scripts import BASH, LAUNCH, make_stubs
+from workers import TINY, launched, run, train_command
+
+from dist_w2v.cli import main
+from dist_w2v.config import load_config
+from dist_w2v.data.vocab import Vocab
+from dist_w2v.errors import UserError
+from dist_w2v.outputs.artifacts import Embeddings, save_outputs
+from dist_w2v.outputs.evaluate import TrainingEvaluator
+from dist_w2v.outputs.metrics import RunLogger
+from dist_w2v.train.checkpoint import MAGIC, make_payload, read_checkpoint
+from dist_w2v.train.lock import run_dir_lock
+
+CKPT = "step-000000071.pt"
+
+
+def train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--config", "configs/ptb.yaml", "--run-dir", str(run_dir),
+            f"data.corpus={corpus}", *TINY, *extra]
+
+
+def train_here(*argv: str) -> int:
+    """The real CLI in this process (faster than a subprocess), restoring torch's threads."""
+    threads = torch.get_num_threads()
+    try:
+        return main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_error_line(text: str) -> str:
+    errors = [line for line in text.splitlines() if line.startswith("dist-w2v: error:")]
+    assert len(errors) == 1 and "Traceback" not in text, text
+    return errors[0]
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_small_corpus) -> Path:
+    return shared_small_corpus
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trust") / "run"
+    assert train_here(*train_args(corpus, run_dir)) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run"))
+
+
+# -- 1. a checkpoint cannot execute code ------------------------------------------------------
+
+
+class _RunsShell:
+    """Unpickles as os.system(command): what a crafted checkpoint would do on a plain load."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def craft_checkpoint(path: Path, marker: Path) -> bytes:
+    """A file with our MAGIC and a correct SHA-256 whose pickle calls os.system."""
+    buffer = io.BytesIO()
+    torch.save({"model": {}, "state": {}, "hook": _RunsShell(f"touch {marker}")}, buffer)
+    body = buffer.getvalue()
+    path.write_bytes(MAGIC + hashlib.sha256(body).digest() + body)
+    return body
+
+
+def test_the_crafted_payload_would_run_code_on_a_plain_load(tmp_path):
+    """The attack is real: torch.load(weights_only=False) of the body runs the command."""
+    marker = tmp_path / "marker"
+    body = craft_checkpoint(tmp_path / "step-000000999.pt", marker)
+    torch.load(io.BytesIO(body), weights_only=False)
+    assert marker.exists()
+
+
+def test_a_crafted_checkpoint_runs_no_code(run_copy, corpus, tmp_path):
+    marker = tmp_path / "marker"
+    crafted = run_copy / "checkpoints" / "step-000000999.pt"  # the newest: auto picks it
+    craft_checkpoint(crafted, marker)
+    commands = [
+        ("similar", "--checkpoint", str(crafted), "chip"),
+        ("export", "--checkpoint", str(crafted), "--format", "npy", "--out",
+         str(tmp_path / "v.npy")),
+        (*train_args(corpus, run_copy), "--resume", "auto"),
+    ]
+    for command in commands:
+        result = run_cli(*command)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        line = one_error_line(result.stderr)
+        assert f"checkpoint {crafted} was refused: it asks for posix.system" in line, line
+        assert not marker.exists(), command
+    assert not (tmp_path / "v.npy").exists()
+
+
+def test_checkpoints_hold_only_plain_values_and_load_safely(trained):
+    payload = read_checkpoint(trained / "checkpoints" / CKPT)  # weights_only=True inside
+    assert payload["state"]["global_step"] == 71
+    with pytest.raises(TypeError, match=r"payload\['state'\]\['loss'\] is a float64"):
+        make_payload({}, {}, {"loss": np.float64(1.0)}, {}, {}, "0" * 64)
+
+
+# -- 2. one run per run directory -------------------------------------------------------------
+
+
+def test_a_second_train_on_a_busy_run_dir_is_refused(trained, corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    with launched([sys.executable, "-m", "dist_w2v.cli", *train_args(corpus, run_dir)],
+                  tmp_path / "first.log") as first:
+        lock = run_dir / ".lock"
+        deadline = time.monotonic() + 60
+        while not (lock.is_file() and lock.read_text().strip()):
+            assert first.poll() is None and time.monotonic() < deadline, "first run never locked"
+            time.sleep(0.01)
+        second = run_cli(*train_args(corpus, run_dir))
+        assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
+    assert second.returncode == 2
+    line = one_error_line(second.stderr)
+    assert f"run directory {run_dir} is in use by PID {first.pid} on host " in line
+    # The run that held the directory is exactly a clean run.
+    for name in ("center.npy", "context.npy"):
+        np.testing.assert_array_equal(np.load(run_dir / name), np.load(trained / name))
+
+
+def test_a_refused_run_touches_nothing_and_a_killed_holder_leaves_no_lock(run_copy, corpus):
+    before = snapshot(run_copy)
+    with run_dir_lock(run_copy):  # this test process is the holder
+        assert train_here(*train_args(corpus, run_copy), "--resume", "auto") == 2
+        assert snapshot(run_copy) == {**before, ".lock": (run_copy / ".lock").read_bytes()}
+        held = f"{os.getpid()} "
+        assert (run_copy / ".lock").read_text().startswith(held)
+    # A holder killed by SIGKILL: the kernel drops the lock with the process.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dist_w2v.train.lock import run_dir_lock\n"
+         "with run_dir_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(run_copy)], stdout=subprocess.PIPE, text=True, env=cli_env({"PYTHONPATH": str(REPO)}))
+    assert holder.stdout.readline().strip() == "held"
+    result = run_cli(*train_args(corpus, run_copy), "--check", "--resume", "auto")
+    assert result.returncode == 2 and f"PID {holder.pid}" in result.stderr
+    holder.kill()
+    holder.wait()
+    result = run_cli(*train_args(corpus, run_copy), "--check", "--resume", "auto")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# -- 3. strict JSON ---------------------------------------------------------------------------
+
+
+def no_constants(name: str):
+    raise AssertionError(f"non-strict JSON constant {name}")
+
+
+def test_metrics_jsonl_never_holds_nan_or_infinity(tmp_path):
+    logger = RunLogger(tmp_path, stream=io.StringIO(), progress=False)
+    logger.log_epoch({"epoch": 1, "global_step": 3, "loss": float("nan"),
+                      "loss_cumulative": float("inf"), "center_words_per_s": 1.0, "seconds": 1.0})
+    logger.rewrite_history([{"kind": "step", "loss": float("-inf"), "n": np.float32("nan")}])
+    logger.log_eval({"epoch": 1, "global_step": 3,
+                     "benchmarks": {"x": {"spearman": float("nan"), "pairs": 1, "total": 2}}})
+    records = [json.loads(line, parse_constant=no_constants)
+               for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[0] == {"kind": "step", "loss": None, "n": None}
+    assert records[1]["benchmarks"]["x"]["spearman"] is None
+
+
+def test_divergence(corpus, tmp_path):
+    """train.lr=1e30 under 2 torchrun ranks: every rank stops, one line names the step, the
+    rate and the last good checkpoint; no table is written."""
+    run_dir = tmp_path / "run"
+    args = train_args(corpus, run_dir, "train.lr=1e30", "train.optimizer=sgd", "ckpt.every_steps=5")
+    code, out = run(train_command(2, *args[3:]), tmp_path / "log")
+    assert code != 0, out
+    (line,) = {line for line in out.splitlines() if "training diverged" in line}
+    assert "at step " in line and "(lr 1e+30" in line and "last good checkpoint" in line, line
+    assert not (run_dir / "center.npy").exists()
+    for record in (run_dir / "metrics.jsonl").read_text().splitlines():
+        json.loads(record, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
+
+
+def test_non_finite_tables_are_never_written_nor_evaluated(run_copy, tmp_path):
+    vocab = Vocab.load(run_copy / "vocab.json")
+    center = np.load(run_copy / "center.npy")
+    center[5, 3] = np.nan
+    context = np.load(run_copy / "context.npy")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    with pytest.raises(UserError, match=r"not writing the outputs .* center table \(1 of"):
+        save_outputs(fresh, Embeddings(center, context, vocab))
+    assert list(fresh.iterdir()) == []
+    np.save(run_copy / "center.npy", center)  # a diverged table that reached the disk anyway
+    result = run_cli("eval", "--run-dir", str(run_copy), "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "center table (1 of" in one_error_line(result.stderr)
+
+
+# -- 4. atomic outputs, full disks, export that cannot clobber a run ---------------------------
+
+
+def file_size_limit(limit: int):
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_at_the_outputs_keeps_the_previous_ones(run_copy, corpus, tmp_path):
+    """RLIMIT_FSIZE stops writes part-way (EFBIG) as a full disk does: here while a finished
+    run's `--resume auto` rewrites center.npy; the outputs it had and the checkpoint stay."""
+    rewritten = ("metrics.jsonl", "config.yaml", "loss.png", ".lock")  # by the resume itself
+    keep = {k: v for k, v in snapshot(run_copy).items() if k not in rewritten}
+    limit = (run_copy / "center.npy").stat().st_size // 2
+    command = [sys.executable, "-m", "dist_w2v.cli", *train_args(corpus, run_copy), "--resume",
+               "auto"]
+    code, out = run(command, tmp_path / "log", preexec_fn=file_size_limit(limit))
+    assert code == 2, out
+    line = one_error_line(out)
+    assert f"could not write the outputs to {run_copy} (File too large)" in line
+    after = snapshot(run_copy)
+    assert {k: after.get(k) for k in keep} == keep  # tables, vocab, checkpoints
+    assert not [k for k in after if k.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("name", ["center.npy", "config.yaml", "checkpoints/" + CKPT])
+def test_export_refuses_to_write_over_a_run_file(run_copy, name):
+    target = run_copy / name
+    before = target.read_bytes()
+    result = run_cli("export", "--run-dir", str(run_copy), "--format", "npy", "--out",
+                     str(target))
+    assert result.returncode == 2
+    assert f"refusing to write {target}: it is a run's own file" in one_error_line(result.stderr)
+    assert target.read_bytes() == before
+
+
+def test_an_export_that_fails_leaves_the_previous_export(run_copy, tmp_path):
+    out = tmp_path / "vectors.txt"
+    args = ["export", "--run-dir", str(run_copy), "--format", "word2vec-text", "--out", str(out)]
+    assert main(args) == 0
+    before = out.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "dist_w2v.cli", *args], capture_output=True,
+                            text=True, env=cli_env(), cwd=REPO,
+                            preexec_fn=file_size_limit(len(before) // 2))
+    assert result.returncode == 2
+    assert f"cannot write {out} (File too large)" in one_error_line(result.stderr)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vectors.txt"]  # no temp file
+
+
+# -- 5. no silent overwrite; config.yaml only after the resume checks -------------------------
+
+
+def test_finished_outputs_are_replaced_only_with_overwrite(run_copy, corpus, capsys):
+    shutil.rmtree(run_copy / "checkpoints")
+    before = snapshot(run_copy)
+    assert train_here(*train_args(corpus, run_copy)) == 2
+    assert "already holds a finished run's outputs (center.npy); pass --overwrite" in \
+        one_error_line(capsys.readouterr().err)
+    assert snapshot(run_copy).items() - before.items() <= {(".lock", b"")} | {
+        (".lock", (run_copy / ".lock").read_bytes())}  # at most the lock line changed
+    assert train_here(*train_args(corpus, run_copy, "--overwrite")) == 0
+
+
+def test_a_refused_resume_leaves_config_yaml_alone(run_copy, corpus, capsys):
+    config = (run_copy / "config.yaml").read_bytes()
+    assert train_here(*train_args(corpus, run_copy, "model.dim=8"), "--resume", "auto") == 2
+    assert "was saved with model.dim=16" in one_error_line(capsys.readouterr().err)
+    assert (run_copy / "config.yaml").read_bytes() == config
+
+
+# -- 6. train --check, and one error line per launch ------------------------------------------
+
+
+def test_check_passes_silently_and_creates_nothing(corpus, tmp_path):
+    run_dir = tmp_path / "new"
+    result = run_cli(*train_args(corpus, run_dir), "--check")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ((), "already holds checkpoints; pass --resume auto"),
+    (("--resume", "auto"), "already holds a finished run's outputs"),
+    (("--resume", "auto", "--overwrite", "data.corpus=/nonexistent.txt"),
+     "corpus file /nonexistent.txt not found"),
+    (("--resume", "auto", "--overwrite", "train.lr=0"), "train.lr must be > 0"),
+])
+def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment):
+    if extra == ("--resume", "auto"):  # no checkpoint to resume: a fresh start over outputs
+        shutil.rmtree(run_copy / "checkpoints")
+    before = snapshot(run_copy)
+    assert train_here(*train_args(corpus, run_copy), "--check", *extra) == 2
+    assert fragment in one_error_line(capsys.readouterr().err)
+    assert snapshot(run_copy) == before
+
+
+def test_launch_script_checks_once_before_torchrun(run_copy, corpus, tmp_path):
+    stubs = make_stubs(tmp_path / "bin", ("torchrun",))
+    real = stubs / "dist-w2v"
+    real.write_text(f"#!/bin/sh\nexec {sys.executable} -m dist_w2v.cli \"$@\"\n")
+    real.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    env = cli_env({"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "NPROC": "2",
+                   "PYTHONPATH": str(REPO)})
+    result = subprocess.run([BASH, str(LAUNCH), *train_args(corpus, run_copy)[1:]],
+                            capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert "already holds checkpoints" in one_error_line(result.stderr)
+    assert not log.exists()  # torchrun never started
+
+
+def test_under_torchrun_a_user_error_is_printed_once(tmp_path, launch_tmpdir):
+    before = set(launch_tmpdir.glob("torchelastic_*"))
+    code, out = run(train_command(2, "--run-dir", str(tmp_path / "r"), "train.lr=-1"),
+                    tmp_path / "log")
+    assert code != 0
+    errors = [line for line in out.splitlines() if line.startswith("dist-w2v: error:")]
+    assert errors == ["dist-w2v: error: config: train.lr must be > 0"], out  # not one per rank
+    # torchrun's log folder went to the tests' TMPDIR (pruned by pytest), not to /tmp.
+    assert set(launch_tmpdir.glob("torchelastic_*")) - before
+
+
+# -- 7. smaller points ------------------------------------------------------------------------
+
+
+def test_empty_corpus_and_non_utf8_config_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="data.corpus is empty"):
+        load_config(None, ["data.corpus="])
+    config = tmp_path / "latin1.yaml"
+    config.write_bytes("train:\n  epochs: 1  # \xe9t\xe9\n".encode("latin-1"))
+    result = run_cli("train", "--config", str(config), "--check")
+    assert result.returncode == 2
+    assert f"config file {config} is not UTF-8 text" in one_error_line(result.stderr)
+
+
+def test_missing_probe_words_are_named_once(trained):
+    said = []
+    vocab = Vocab.load(trained / "vocab.json")
+    evaluator = TrainingEvaluator(vocab, ["stock", "zzzqx", "japan", "qqqzz"], 3, said.append)
+    evaluator.benchmarks = lambda: None  # neighbours only
+    model = torch.nn.Module()
+    model.center = torch.nn.Embedding.from_pretrained(torch.from_numpy(
+        np.load(trained / "center.npy")))
+    evaluator(model, 1, 1)
+    evaluator(model, 2, 2)
+    missing = [s for s in said if "not in the vocabulary" in s]
+    assert missing == ["eval: probe words not in the vocabulary, skipped: zzzqx, qqqzz "
+                       "(set eval.probes to words of this corpus)"]
+
+
+def test_loss_plot_is_titled_with_the_run_name(trained):
+    from PIL import Image
+
+    with Image.open(trained / "loss.png") as image:
+        assert image.text.get("Title") == "run"
