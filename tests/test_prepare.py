@@ -84,16 +84,34 @@ def test_ptb_counts_and_summary(ptb_prepared):
     assert "tokens/s" in result.stdout
 
 
+def old_reader(path: Path, min_count: int) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """read_sentences + build_vocab + encode of the corpus reader that prepare replaces
+    (dist_w2v/data/corpus.py at ee89123), verbatim but for the names: vocabulary, counts,
+    token ids and each token's sentence number."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    sentences = [line.split() for line in lines]
+    counter = collections.Counter(token for sentence in sentences for token in sentence)
+    ranked = sorted(counter.items(), key=lambda item: item[1], reverse=True)
+    idx_to_token = ["<unk>"] + [t for t, c in ranked if c >= min_count and t != "<unk>"]
+    lookup = {t: i for i, t in enumerate(idx_to_token)}
+    ids = [[lookup.get(t, 0) for t in s] for s in sentences]
+    lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((i for s in ids for i in s), dtype=np.int64, count=int(lengths.sum()))
+    sentence_ids = np.repeat(np.arange(len(ids), dtype=np.int64), lengths)
+    known = flat != 0
+    counts = [0] + [counter[t] for t in idx_to_token[1:]]
+    return idx_to_token, counts, flat[known], sentence_ids[known]
+
+
 def test_ptb_matches_the_old_reader(ptb_prepared, ptb):
-    corpus_module = pytest.importorskip("dist_w2v.data.corpus")
-    sentences = corpus_module.read_sentences(ptb / "ptb.train.txt")
-    vocab = corpus_module.build_vocab(sentences, 10)
-    encoded = corpus_module.encode(sentences, vocab)
+    words, counts, tokens, sentence_ids = old_reader(ptb / "ptb.train.txt", 10)
     corpus = load_prepared(ptb_prepared[0])
-    assert corpus.vocab.idx_to_token == vocab.idx_to_token
-    assert corpus.vocab.counts.tolist() == vocab.counts.tolist()
-    assert np.array_equal(corpus.tokens, encoded.tokens)
-    _, sentence_of_token = np.unique(encoded.sentence_ids, return_inverse=True)
+    assert corpus.vocab.idx_to_token == words
+    assert corpus.vocab.counts.tolist() == counts
+    assert np.array_equal(corpus.tokens, tokens)
+    _, sentence_of_token = np.unique(sentence_ids, return_inverse=True)
     lengths = np.diff(corpus.sentence_offsets)
     assert np.array_equal(np.repeat(np.arange(lengths.shape[0]), lengths), sentence_of_token)
 
@@ -139,6 +157,16 @@ def test_compressed_and_folder_inputs_give_the_same_corpus(tmp_path, small_corpu
     assert {n: (tmp_path / "folder" / n).read_bytes() for n in FILES} == expected
     quiet_prepare([small_corpus], tmp_path / "tiny_blocks", settings, block_bytes=1000)
     assert {n: (tmp_path / "tiny_blocks" / n).read_bytes() for n in FILES} == expected
+
+
+def test_out_inside_an_input_folder_is_not_read(tmp_path, text):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text(text)
+    settings = PrepareSettings(min_count=3)
+    quiet_prepare([folder], folder / "prepared", settings)
+    assert quiet_prepare([folder], folder / "prepared", settings).up_to_date
+    assert contents(folder / "prepared") == reference(text, settings)
 
 
 def test_matches_reference_on_awkward_text(tmp_path):

@@ -9,7 +9,7 @@ preceded by ``<unk>`` at id 0; unknown tokens are dropped and pieces left empty 
 
 How (two passes, memory = the distinct words plus a few blocks):
 
-1. The input is read in blocks of about 16 MB cut at a newline (inside one over-long line: at a
+1. The input is read in blocks of about 8 MB cut at a newline (inside one over-long line: at a
    space, and the line carries over to the next block). Worker threads run pyarrow compute
    kernels on each block, which release the GIL: UTF-8 validation (a cast), ``split_pattern``
    into lines, ``utf8_split_whitespace`` (``ascii_split_whitespace`` for a pure-ASCII block,
@@ -60,7 +60,7 @@ from dist_w2v.data.prepared import (
 from dist_w2v.data.vocab import UNK, Vocab
 from dist_w2v.errors import UserError
 
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 8 << 20
 """Bytes of text per block: large enough to amortise the per-block merge, small enough that
 a few blocks in flight per worker stay well under a GB."""
 SPILL_PREFIX = ".prepare-spill-"
