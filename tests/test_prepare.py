@@ -169,9 +169,11 @@ def test_out_inside_an_input_folder_is_not_read(tmp_path, text):
     assert contents(folder / "prepared") == reference(text, settings)
 
 
-def test_matches_reference_on_awkward_text(tmp_path):
+def test_matches_reference_on_awkward_text(tmp_path, monkeypatch):
     """Unicode words and spaces, blank and whitespace-only lines, CRLF, over-long lines cut
-    mid-block and across blocks, no final newline: all as the plain-Python reference."""
+    mid-block and across blocks, no final newline: all as the plain-Python reference. Tiny
+    blocks merged into the word table every few blocks, as a large corpus is."""
+    monkeypatch.setattr(prepare_module, "MERGE_WORDS", 1)
     rng = random.Random(0)
     vocab = [f"w{i}" for i in range(40)] + ["äpfel", "日本", "<unk>", "naïve"]
     spaces = [" ", " ", " ", "  ", "\t", "\u3000", "\xa0", "\x1c", " \r"]
@@ -203,6 +205,15 @@ def test_single_line_corpus_is_cut(tmp_path, text):
     words, tokens, lengths = contents(tmp_path / "out")
     assert (words, tokens, lengths) == reference(line, settings)
     assert len(lengths) == 30 and max(lengths) <= 1000
+
+
+def test_progress_line_on_request(tmp_path, small_corpus, capsys):
+    said = []
+    prepare([small_corpus], tmp_path / "out", PrepareSettings(min_count=2), 1,
+            say=said.append, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rprepare: counting") and err.endswith("\n") and "tokens/s" in err
+    assert len(said) == 1 and "sentences" in said[0] and "tokens/s" in said[0]
 
 
 def test_max_vocab_keeps_the_most_frequent(tmp_path, small_corpus, text):

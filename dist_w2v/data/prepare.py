@@ -63,6 +63,8 @@ from dist_w2v.errors import UserError
 BLOCK_BYTES = 8 << 20
 """Bytes of text per block: large enough to amortise the per-block merge, small enough that
 a few blocks in flight per worker stay well under a GB."""
+MERGE_WORDS = 1 << 20
+"""Blocks' words wait for a merge until there are this many (or twice the table's size)."""
 SPILL_PREFIX = ".prepare-spill-"
 OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
     ".gz": lambda p: gzip.open(p, "rb"),
@@ -206,8 +208,8 @@ class BlockScan:
     """One block after pass 1: its distinct words and counts; ids and lines are spilled."""
 
     index: int
-    words: Any  # pyarrow StringArray, first-occurrence order
-    counts: np.ndarray
+    words: Any  # pyarrow StringArray, first-occurrence order (None once merged)
+    counts: np.ndarray | None
     num_tokens: int
     num_lines: int
     last_line_tokens: int
@@ -283,8 +285,8 @@ class WordCounts:
     words so far followed by the new blocks' words: the words so far keep their ids (they come
     first and are distinct), new words get the next ids in order of first occurrence, and
     pyarrow's hashing runs without the GIL at about 4x the speed of a Python dict. Merging
-    once the waiting blocks hold as many words as the table bounds the hashing to twice the
-    blocks' distinct words."""
+    once the waiting blocks hold twice as many words as the table bounds the hashing to 1.5
+    times the blocks' distinct words."""
 
     def __init__(self, spill: Path) -> None:
         import pyarrow as pa
@@ -299,7 +301,7 @@ class WordCounts:
         """Take one block's words (blocks in order); merge when enough are waiting."""
         self.waiting.append(scan)
         self.waiting_words += len(scan.words)
-        if self.waiting_words >= max(len(self.words), 1 << 20):
+        if self.waiting_words >= max(2 * len(self.words), MERGE_WORDS):
             self.merge()
 
     def merge(self) -> None:
@@ -322,7 +324,7 @@ class WordCounts:
             start += len(scan.words)
             counts[local_to_global] += scan.counts  # distinct within a block
             local_to_global.astype(np.int32).tofile(_spill_paths(self.spill, scan.index)[2])
-            scan.words = None
+            scan.words = scan.counts = None  # merged: keep nothing per block but its sizes
         self.counts = counts
         self.waiting, self.waiting_words = [], 0
 
