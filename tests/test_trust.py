@@ -35,7 +35,9 @@ from dist_w2v.outputs.metrics import RunLogger
 from dist_w2v.train.checkpoint import MAGIC, make_payload, read_checkpoint
 from dist_w2v.train.lock import run_dir_lock
 
-CKPT = "step-000000071.pt"
+
+def newest_checkpoint(run_dir: Path) -> Path:
+    return max((run_dir / "checkpoints").glob("step-*.pt"))
 
 
 def train_args(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -130,8 +132,9 @@ def test_a_crafted_checkpoint_runs_no_code(run_copy, corpus, tmp_path):
 
 
 def test_checkpoints_hold_only_plain_values_and_load_safely(trained):
-    payload = read_checkpoint(trained / "checkpoints" / CKPT)  # weights_only=True inside
-    assert payload["state"]["global_step"] == 71
+    newest = newest_checkpoint(trained)
+    payload = read_checkpoint(newest)  # weights_only=True inside
+    assert payload["state"]["global_step"] == int(newest.stem.split("-")[1]) > 0
     with pytest.raises(TypeError, match=r"payload\['state'\]\['loss'\] is a float64"):
         make_payload({}, {}, {"loss": np.float64(1.0)}, {}, {}, "0" * 64)
 
@@ -199,16 +202,20 @@ def test_metrics_jsonl_never_holds_nan_or_infinity(tmp_path):
     assert records[1]["benchmarks"]["x"]["spearman"] is None
 
 
-def test_divergence(corpus, tmp_path):
-    """train.lr=1e30 under 2 torchrun ranks: every rank stops, one line names the step, the
-    rate and the last good checkpoint; no table is written."""
-    run_dir = tmp_path / "run"
-    args = train_args(corpus, run_dir, "train.lr=1e30", "train.optimizer=sgd", "ckpt.every_steps=5")
-    code, out = run(train_command(2, *args[3:]), tmp_path / "log")
+def test_divergence(trained, corpus, tmp_path):
+    """A finished epoch, then train.lr=1e30 under 2 torchrun ranks: every rank stops, one line
+    names the step, the rate and the last good checkpoint (the epoch's); no table is written."""
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run"))
+    (run_dir / "center.npy").unlink()
+    good = newest_checkpoint(run_dir)
+    args = train_args(corpus, run_dir, "train.epochs=2", "train.lr=1e30")
+    code, out = run(train_command(2, *args[3:], "--resume", "auto"), tmp_path / "log")
     assert code != 0, out
     (line,) = {line for line in out.splitlines() if "training diverged" in line}
-    assert "at step " in line and "(lr 1e+30" in line and "last good checkpoint" in line, line
+    assert "is not finite at step " in line and "(lr " in line, line
+    assert f"the last good checkpoint is {good}: lower train.lr" in line, line
     assert not (run_dir / "center.npy").exists()
+    assert newest_checkpoint(run_dir) == good
     for record in (run_dir / "metrics.jsonl").read_text().splitlines():
         json.loads(record, parse_constant=lambda name: pytest.fail(f"{name} in metrics.jsonl"))
 
@@ -255,9 +262,9 @@ def test_a_full_disk_at_the_outputs_keeps_the_previous_ones(run_copy, corpus, tm
     assert not [k for k in after if k.endswith(".tmp")]
 
 
-@pytest.mark.parametrize("name", ["center.npy", "config.yaml", "checkpoints/" + CKPT])
+@pytest.mark.parametrize("name", ["center.npy", "config.yaml", "checkpoints/newest"])
 def test_export_refuses_to_write_over_a_run_file(run_copy, name):
-    target = run_copy / name
+    target = newest_checkpoint(run_copy) if name == "checkpoints/newest" else run_copy / name
     before = target.read_bytes()
     result = run_cli("export", "--run-dir", str(run_copy), "--format", "npy", "--out",
                      str(target))

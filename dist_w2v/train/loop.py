@@ -304,11 +304,12 @@ class Trainer:
 
     def diverged(self, what: str) -> None:
         saved = self.checkpointer.checkpoints()
-        last = f"the last good checkpoint is {saved[0]}" if saved else "no checkpoint was saved"
+        advice = (f"the last good checkpoint is {saved[0]}: lower train.lr and continue with "
+                  f"--resume {saved[0]}" if saved else
+                  "no checkpoint was saved yet: lower train.lr and start again")
         raise Diverged(
             f"training diverged: {what} is not finite at step {self.state.global_step} "
-            f"(lr {self.optimizer.param_groups[0]['lr']:g}); {last}; lower train.lr and "
-            "resume from it or start again"
+            f"(lr {self.optimizer.param_groups[0]['lr']:g}); {advice}"
         )
 
     def finish_epoch(self, complete: bool) -> None:
