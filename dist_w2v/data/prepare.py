@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from dist_w2v.data.prepared import (
     MANIFEST_FILE,
@@ -224,8 +226,6 @@ def _spill_paths(spill: Path, index: int) -> tuple[Path, Path, Path]:
 
 def _as_text(block: Block) -> Any:
     """The block as a one-element pyarrow string array; the cast validates UTF-8."""
-    import pyarrow as pa
-
     raw = pa.Array.from_buffers(pa.binary(), 1, [
         None, pa.py_buffer(np.array([0, len(block.data)], dtype=np.int32)),
         pa.py_buffer(block.data)])
@@ -245,8 +245,6 @@ def _as_text(block: Block) -> Any:
 
 def scan_block(block: Block, spill: Path) -> BlockScan:
     """Pass 1 for one block (runs in a worker thread; pyarrow releases the GIL)."""
-    import pyarrow.compute as pc
-
     text = _as_text(block)
     lines = pc.split_pattern(text, "\n").flatten()
     if not block.runs_on:
@@ -289,8 +287,6 @@ class WordCounts:
     times the blocks' distinct words."""
 
     def __init__(self, spill: Path) -> None:
-        import pyarrow as pa
-
         self.spill = spill
         self.words = pa.array([], type=pa.large_string())
         self.counts = np.zeros(0, dtype=np.int64)
@@ -306,9 +302,6 @@ class WordCounts:
 
     def merge(self) -> None:
         """Merge the waiting blocks and spill each one's local -> global id map."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
         if not self.waiting:
             return
         known = len(self.words)
@@ -331,8 +324,6 @@ class WordCounts:
 
 def build_vocab(words: WordCounts, settings: PrepareSettings) -> tuple[Vocab, np.ndarray]:
     """The vocabulary, and each distinct word's vocabulary id (0 = unknown)."""
-    import pyarrow.compute as pc
-
     words.merge()
     counts = words.counts
     candidates = np.flatnonzero(counts >= settings.min_count)
@@ -559,6 +550,9 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
                                {"raw_tokens": raw_tokens, "lines": sum(s.num_lines
                                                                       for s in scans),
                                 "distinct_words": distinct})
+    except OSError as exc:  # inputs were read already: this is --out (full disk, quota)
+        raise UserError(f"writing the prepared corpus into {out} failed: "
+                        f"{exc.strerror or exc}") from None
     finally:
         meter.done()
         shutil.rmtree(spill, ignore_errors=True)

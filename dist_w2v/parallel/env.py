@@ -226,7 +226,7 @@ def all_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_flag(env: DistEnv, flag: bool) -> bool:
+def any_rank(env: DistEnv, flag: bool) -> bool:
     """True on every rank when it is true on any rank (stop requests, failures)."""
     if not env.distributed:
         return flag
@@ -257,5 +257,5 @@ def _on_some_ranks(env: DistEnv, chosen: bool, action: Callable[[], object]) -> 
             action()
         except UserError as exc:
             error = exc
-    if broadcast_flag(env, error is not None):
+    if any_rank(env, error is not None):
         raise error or UserError("another rank failed to prepare the run; see its log")

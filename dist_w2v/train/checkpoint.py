@@ -34,7 +34,7 @@ import torch
 from dist_w2v.atomic import TMP_SUFFIX, write_atomically
 from dist_w2v.config import CkptConfig
 from dist_w2v.errors import UserError
-from dist_w2v.parallel.env import DistEnv, broadcast_flag
+from dist_w2v.parallel.env import DistEnv, any_rank
 
 # Unchanged since the first format: those files already held only tensors and plain containers,
 # so they load under weights_only=True as they are.
@@ -195,7 +195,7 @@ class Checkpointer:
                          "--resume auto")
             else:
                 self._prune()
-        if broadcast_flag(self.env, error is not None):
+        if any_rank(self.env, error is not None):
             raise UserError(error or "checkpoint write failed on rank 0; see its log")
         return path
 

@@ -27,7 +27,7 @@ from dist_w2v.errors import UserError
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
-from dist_w2v.parallel.env import DistEnv, all_sum, barrier, broadcast_flag, on_main_rank
+from dist_w2v.parallel.env import DistEnv, all_sum, any_rank, barrier, on_main_rank
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
 from dist_w2v.train.optim import build_optimizer, set_learning_rate
@@ -299,7 +299,7 @@ class Trainer:
 
     def check_finite_tables(self) -> None:
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
-        if broadcast_flag(self.env, not finite):
+        if any_rank(self.env, not finite):
             self.diverged("an embedding table")
 
     def diverged(self, what: str) -> None:
@@ -363,7 +363,7 @@ class Trainer:
         """Every STOP_POLL_STEPS steps, whether any rank was asked to stop (all get the answer)."""
         if self.state.global_step % STOP_POLL_STEPS != 0:
             return False
-        return broadcast_flag(self.env, self.stop.requested)
+        return any_rank(self.env, self.stop.requested)
 
     def maybe_fail(self) -> None:
         """Fault injection for the restart tests: die like a crashed worker, first attempt only."""
