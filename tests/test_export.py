@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import SMOKE, run_cli
-from dist_w2v.data.corpus import UNK, Vocab
 
 from dist_w2v.cli import main
+from dist_w2v.data.vocab import UNK, Vocab
 from dist_w2v.outputs import export
 from dist_w2v.outputs.artifacts import Embeddings, load_run, save_outputs
 
