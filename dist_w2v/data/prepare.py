@@ -12,22 +12,24 @@ How (two passes, memory = the distinct words plus a few blocks):
 1. The input is read in blocks of about 8 MB cut at a newline (inside one over-long line: at a
    space, and the line carries over to the next block). Worker threads run pyarrow compute
    kernels on each block, which release the GIL: UTF-8 validation (a cast), ``split_pattern``
-   into lines, ``utf8_split_whitespace`` (``ascii_split_whitespace`` for a pure-ASCII block,
-   1.7x faster, same result), ``list_value_length`` (raw tokens per line) and one hashing pass,
+   into lines, trim and split on whitespace (the ASCII kernels for a pure-ASCII block, 1.7x
+   faster, same result), ``list_value_length`` (raw tokens per line) and one hashing pass,
    ``dictionary_encode``: the block's words in first-occurrence order and an int32 id per token.
    The block's ids and line lengths are spilled to a temporary folder inside ``--out``. The main
-   thread merges each block's words into one dict in block order, which keeps the global
-   first-occurrence order that breaks count ties, and adds up their counts.
+   thread merges the blocks' words into one table in block order (:class:`WordCounts`), which
+   keeps the global first-occurrence order that breaks count ties, and adds up their counts.
 2. The vocabulary is fixed. Per block (threads again), the local ids are remapped to vocabulary
    ids with two numpy gathers, unknown ones are dropped, and the sentence lengths come from a
    cumulative count of known tokens at the (raw) piece boundaries; :class:`PreparedWriter`
    writes them, and the manifest last.
 
-Why pyarrow: on a 32 MB block of a Zipf corpus (6.0M tokens, 850k distinct words) one core
-splits and hashes at 4.6-6.0M tokens/s in pyarrow, against 2.1M tokens/s for
-``collections.Counter(bytes.split())`` (a C loop, but one Python object per token) and gensim's
-~3M tokens/s Python scan; and pyarrow's kernels run in parallel threads. pyarrow is a wheel
-with no further dependencies, maintained by the Apache Arrow project.
+Why pyarrow (measured on a shared 2-core box, Zipf corpus with 2M possible words, CPU time per
+raw token): splitting and hashing a 16 MB block costs 176 ns/token on one core, 137 of them in
+``dictionary_encode``; ``collections.Counter(bytes.split())`` costs about 480 ns/token (one
+Python object per token), a Python-dict merge of the blocks' words 4x pyarrow's. Whole job
+against gensim's ``build_vocab(corpus_file)`` on 50M tokens: 14.2 s CPU against 33.3 s, and
+25.6 s against 84.2 s wall with 2 threads (benchmarks/prepare_bench.py). pyarrow is one wheel
+without further dependencies, maintained by the Apache Arrow project.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from dist_w2v.errors import UserError
 BLOCK_BYTES = 8 << 20
 """Bytes of text per block: large enough to amortise the per-block merge, small enough that
 a few blocks in flight per worker stay well under a GB."""
-MERGE_WORDS = 1 << 20
+MERGE_WORDS = 1 << 18
 """Blocks' words wait for a merge until there are this many (or twice the table's size)."""
 SPILL_PREFIX = ".prepare-spill-"
 OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
