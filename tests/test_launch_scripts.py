@@ -201,6 +201,11 @@ def test_sbatch_requeues_once_the_step_has_ended(tmp_path, stubs):
     assert result.returncode == 0, result.stderr
     assert calls[-1] == ["scontrol", "requeue", "55"]
 
+    # A trainer that could not tell its step: requeued without the progress check.
+    result, calls, marker = marker_job(tmp_path, stubs, step="unknown", previous="900")
+    assert result.returncode == 0, result.stderr
+    assert calls[-1] == ["scontrol", "requeue", "55"]
+
 
 def test_sbatch_refuses_to_requeue_an_attempt_without_progress(tmp_path, stubs):
     """A --time too short for start-up plus the USR2 warning: each attempt stops at its first

@@ -1,7 +1,8 @@
 """Stop requests from the outside world: SLURM's pre-timeout SIGUSR2 and a plain SIGTERM.
 
 The handler only sets a flag; the training loop polls it at step boundaries, all ranks agree
-through a collective, rank 0 saves a checkpoint, and (for SIGUSR2 under SLURM) requeues the job.
+through a collective, rank 0 saves a checkpoint, and (for SIGUSR2 under SLURM) has the job
+requeued.
 
 The signal must reach the worker processes (``dist-w2v train``), not only their launcher:
 torchrun's default action on SIGUSR2 is to die, so slurm/train.sbatch starts torchrun with
@@ -104,11 +105,12 @@ def requeue_slurm_job(environ: Mapping[str, str], say: Callable[[str], None] = p
 
 def leave_requeue_marker(path: str, job_id: str, step: int | None,
                          say: Callable[[str], None]) -> bool:
-    """Write ``step`` to the batch script's marker file (atomically: temp file, then rename)."""
+    """Write ``step`` to the batch script's marker file (atomically: temp file, then rename);
+    ``unknown`` without a step, which the script requeues without comparing progress."""
     temp = f"{path}.tmp"
     try:
         with open(temp, "w") as out:
-            out.write(f"{step if step is not None else -1}\n")
+            out.write(f"{step if step is not None else 'unknown'}\n")
         os.replace(temp, path)
     except OSError as exc:
         say(f"cannot write the requeue marker {path} ({exc.strerror}); "
