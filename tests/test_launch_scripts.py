@@ -195,6 +195,7 @@ def test_sbatch_requeues_once_the_step_has_ended(tmp_path, stubs):
     assert calls[-1] == ["scontrol", "requeue", "55"]
     assert calls[-2][-len(TRAIN_ARGS):] == TRAIN_ARGS
     assert marker.read_text() == "120\n"  # kept: the next attempt compares its progress with it
+    assert "dist-w2v: warning: this attempt ran only" in result.stderr  # seconds, not minutes
 
     # The requeued attempt got much further: requeued again.
     result, calls, marker = marker_job(tmp_path, stubs, step="900", previous="120")
