@@ -1,22 +1,26 @@
 """SLURM's pre-timeout SIGUSR2 and a plain SIGTERM, sent to real running jobs.
 
 Signal delivery assumed here, and by slurm/ (coordinate any change there): SLURM's
-``--signal=USR2@T`` reaches every process of the job step, and the launch line makes torchrun
-ignore SIGUSR2 (its default action would kill it and orphan the workers), e.g. ``trap '' USR2``
-before ``exec torchrun``. The test does the same: torchrun starts in its own session with
-SIGUSR2 ignored (the workers inherit that and install their own handler), and the signal goes
-to every process of the launch, torchrun included (workers.signal_all).
+``--signal=USR2@T`` reaches every process of the job step, and the launch line keeps torchrun
+alive through SIGUSR2 (its default action would kill it and orphan the workers): slurm/train.sbatch
+starts it with SIGUSR2 blocked, which the workers unblock once their handler is in. The tests
+below start torchrun with SIGUSR2 ignored, which works the same once the workers run (they
+install their own handler); the signal goes to every process of the launch, torchrun included
+(workers.signal_all). Without $DIST_W2V_REQUEUE_MARKER (not under slurm/train.sbatch) rank 0
+runs ``scontrol requeue`` itself.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, cli_env
 from workers import (
     TINY,
     alive,
@@ -29,6 +33,7 @@ from workers import (
 
 from dist_w2v.cli import main
 from dist_w2v.train.checkpoint import read_checkpoint
+from dist_w2v.train.stop import requeue_slurm_job
 
 JOB_ID = "4242"
 # Long enough that no run finishes before the signal lands; the runs are stopped, not finished.
@@ -108,3 +113,50 @@ def test_sigterm_checkpoints_and_exits_cleanly_without_requeue(small_corpus, tmp
     assert read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}.pt")["state"][
         "global_step"] == step
     assert not calls.exists()  # SIGTERM (scancel, time limit) saves but does not requeue
+
+
+# -- the pieces slurm/train.sbatch relies on ------------------------------------------------------
+
+
+def block_usr2() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+
+
+# A worker's start-up in miniature: USR2 arrives before the handler exists, then StopRequest.
+EARLY_USR2 = """
+import os, signal
+os.kill(os.getpid(), signal.SIGUSR2)
+from dist_w2v.train.stop import StopRequest
+with StopRequest() as stop:
+    print(stop.reason, signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+print(signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+"""
+
+
+def test_usr2_that_arrived_while_blocked_is_delivered_when_the_handler_is_installed():
+    """slurm/train.sbatch starts torchrun (and so the workers) with SIGUSR2 blocked; a USR2
+    sent while a worker starts up stays pending and must stop the run once StopRequest is
+    installed (an ignored one would be lost). Afterwards the mask is handed back as it came."""
+    result = subprocess.run([sys.executable, "-c", EARLY_USR2], capture_output=True, text=True,
+                            timeout=60, env=cli_env(), cwd=REPO, preexec_fn=block_usr2)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["SIGUSR2", "False", "True"]
+
+
+def test_under_the_batch_script_rank_0_leaves_its_step_and_does_not_requeue(tmp_path,
+                                                                            monkeypatch):
+    """A requeue cancels what of the job still runs: slurm/train.sbatch requeues after srun
+    returned; the trainer only leaves its global step in the marker file the script named."""
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"ran {args}: the batch script requeues, not the trainer")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    marker, said = tmp_path / ".dist-w2v-7.requeue", []
+    environ = {"SLURM_JOB_ID": "7", "DIST_W2V_REQUEUE_MARKER": str(marker)}
+    assert requeue_slurm_job(environ, say=said.append, step=120)
+    assert marker.read_text() == "120\n"
+    assert said == ["SLURM job 7 will be requeued by its batch script (global step 120)"]
+
+    environ["DIST_W2V_REQUEUE_MARKER"] = str(tmp_path / "missing" / "marker")
+    assert not requeue_slurm_job(environ, say=said.append, step=130)
+    assert "resubmit with --resume auto" in said[-1]

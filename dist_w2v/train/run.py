@@ -169,7 +169,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None, resum
             logger.close()  # the loss plot and the wandb run's end, also after a failure
         if result.stopped_early:
             if stop.reason == "SIGUSR2" and env.is_main:
-                requeue_slurm_job(environ, say=logger.info)
+                requeue_slurm_job(environ, say=logger.info, step=result.state.global_step)
             return 0
         logger.info(f"done: outputs in {run_path}")
     return 0
