@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_w2v.errors import UserError
-from dist_w2v.parallel.env import usable_cores
+from dist_w2v.parallel.cores import usable_cores
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                       "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT", "SLURM_PROCID", "SLURM_NTASKS")

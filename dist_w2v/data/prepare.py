@@ -63,6 +63,7 @@ from dist_w2v.data.prepared import (
 )
 from dist_w2v.data.vocab import UNK, Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.parallel.cores import usable_cores
 
 BLOCK_BYTES = 8 << 20
 """Bytes of text per block: large enough to amortise the per-block merge, small enough that
@@ -78,13 +79,6 @@ OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
 # Python's str.split() treats these ASCII controls as whitespace; pyarrow's ASCII splitter not.
 _ASCII_EXTRA_SPACE = (b"\x1c", b"\x1d", b"\x1e", b"\x1f")
 _CUT_SPACE = b" \t\r\x0b\x0c"  # where an over-long line may be cut: never inside a UTF-8 char
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (as parallel/env.usable_cores, without importing torch)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass

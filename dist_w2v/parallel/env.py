@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from dist_w2v.config import Config
 from dist_w2v.errors import UserError
+from dist_w2v.parallel.cores import usable_cores
 
 
 @dataclass(frozen=True)
@@ -137,13 +138,6 @@ def choose_backend(requested: str, device: torch.device) -> str:
     if requested == "nccl" and device.type != "cuda":
         raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo on CPU")
     return requested
-
-
-def usable_cores() -> int:
-    """Cores this process may run on: a SLURM or cgroup CPU set, not the whole machine."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def set_threads(requested: int, local_world_size: int) -> None:
