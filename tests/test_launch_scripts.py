@@ -141,11 +141,16 @@ def srun_line(nodes: int, nproc: int, head: str, job_id: str, port: int) -> list
     ]
 
 
+# The job checks config, data and run dir once, before srun (a requeued attempt resumes).
+SBATCH_CHECK = ["dist-w2v", "train", "--check", "--resume", "auto", *TRAIN_ARGS]
+
+
 def test_sbatch_one_node_takes_gpu_count_from_the_driver(stubs):
     calls = run_script(SBATCH, TRAIN_ARGS, stubs, SLURM_JOB_ID="777", SLURM_NNODES="1",
                        SLURM_JOB_NODELIST="gpu01", STUB_HOSTS="gpu01", STUB_GPUS="8")
     assert calls == [
         ["nvidia-smi", "-L"],
+        SBATCH_CHECK,
         ["scontrol", "show", "hostnames", "gpu01"],
         srun_line(nodes=1, nproc=8, head="gpu01", job_id="777", port=15777),
     ]
@@ -156,6 +161,7 @@ def test_sbatch_two_nodes_rendezvous_at_the_first_host(stubs):
                        SLURM_JOB_NODELIST="node[07-08]", STUB_HOSTS="node07,node08",
                        SLURM_GPUS_ON_NODE="4")
     assert calls == [
+        SBATCH_CHECK,
         ["scontrol", "show", "hostnames", "node[07-08]"],
         srun_line(nodes=2, nproc=4, head="node07", job_id="4242", port=19242),
     ]
