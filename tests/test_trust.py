@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -151,7 +152,13 @@ def test_a_second_train_on_a_busy_run_dir_is_refused(trained, corpus, tmp_path):
         while not (lock.is_file() and lock.read_text().strip()):
             assert first.poll() is None and time.monotonic() < deadline, "first run never locked"
             time.sleep(0.01)
-        second = run_cli(*train_args(corpus, run_dir))
+        # Hold the first run where it is (it would otherwise finish before a second interpreter
+        # has imported torch), try the second, then let the first go on.
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = run_cli(*train_args(corpus, run_dir))
+        finally:
+            first.send_signal(signal.SIGCONT)
         assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()
     assert second.returncode == 2
     line = one_error_line(second.stderr)

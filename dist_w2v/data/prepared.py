@@ -73,6 +73,15 @@ class PreparedCorpus:
     tokens: np.ndarray  # (N,) int32 memmap
     sentence_offsets: np.ndarray  # (S+1,) int64 memmap
 
+    def read_tokens(self, start: int, stop: int) -> np.ndarray:
+        """Token ids [start, stop), read from the file into memory of our own: slicing the map
+        instead would keep every page it touched resident (and counted) for the whole run."""
+        return _read(self.directory / TOKENS_FILE, TOKEN_DTYPE, start, stop)
+
+    def read_sentence_offsets(self, first: int, last: int) -> np.ndarray:
+        """Sentence boundaries [first, last], read like :meth:`read_tokens`."""
+        return _read(self.directory / SENTENCES_FILE, OFFSET_DTYPE, first, last + 1)
+
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
@@ -137,6 +146,11 @@ def load_prepared(directory: str | Path) -> PreparedCorpus:
     if offsets.shape[0] < 1 or int(offsets[-1]) != tokens.shape[0]:
         raise _bad(directory, f"{SENTENCES_FILE} does not end at the token count")
     return PreparedCorpus(directory, manifest, vocab, tokens, offsets)
+
+
+def _read(path: Path, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
+    with open(path, "rb") as handle:
+        return np.fromfile(handle, dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
 
 
 def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:

@@ -109,9 +109,8 @@ class ChunkSource:
 
     def tokens(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's token ids (int32) and each token's sentence number, on the device."""
-        ids = torch.from_numpy(np.array(self.corpus.tokens[chunk.start:chunk.stop]))
-        bounds = np.array(self.corpus.sentence_offsets[chunk.first_sentence:
-                                                        chunk.last_sentence + 1])
+        ids = torch.from_numpy(self.corpus.read_tokens(chunk.start, chunk.stop))
+        bounds = self.corpus.read_sentence_offsets(chunk.first_sentence, chunk.last_sentence)
         lengths = torch.from_numpy(np.diff(bounds))
         sentences = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
         return ids.to(self.device), sentences.to(self.device)

@@ -27,11 +27,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from dist_w2v.atomic import TMP_SUFFIX, write_atomically
+from dist_w2v.atomic import TMP_SUFFIX, write_with
 from dist_w2v.config import CkptConfig
 from dist_w2v.errors import UserError
 from dist_w2v.parallel.env import DistEnv, any_rank
@@ -104,12 +104,16 @@ def make_payload(model_state: dict[str, torch.Tensor], optimizer_state: dict[str
     return payload
 
 
-def encode_checkpoint(payload: dict[str, Any]) -> bytes:
+def write_checkpoint(handle: BinaryIO, payload: dict[str, Any]) -> None:
+    """``MAGIC + sha256(body) + body``, the body a ``torch.save`` of the payload. The body is
+    serialised once and written from that buffer (no copies: tables can be gigabytes)."""
     check_plain(payload)
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    body = buffer.getvalue()
-    return MAGIC + hashlib.sha256(body).digest() + body
+    body = buffer.getbuffer()
+    handle.write(MAGIC)
+    handle.write(hashlib.sha256(body).digest())
+    handle.write(body)
 
 
 UNSAFE = re.compile(r"(?:GLOBAL|global:?) ([\w.]+)")
@@ -186,7 +190,7 @@ class Checkpointer:
         if self.env.is_main:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                write_atomically(path, encode_checkpoint(payload))
+                write_with(path, lambda handle: write_checkpoint(handle, payload))
             except OSError as exc:
                 previous = next((p for p in self.checkpoints() if p != path), None)
                 kept = f"; {previous} is intact" if previous else ""

@@ -375,8 +375,9 @@ class Trainer:
             os._exit(17)
 
     def embeddings(self) -> Embeddings:
+        # Views of the tables on CPU (no copy): they can be gigabytes.
         return Embeddings(
-            center=self.model.center.weight.detach().cpu().numpy().astype(np.float32),
-            context=self.model.context.weight.detach().cpu().numpy().astype(np.float32),
+            center=self.model.center.weight.detach().cpu().numpy(),
+            context=self.model.context.weight.detach().cpu().numpy(),
             vocab=self.vocab,
         )
