@@ -148,6 +148,16 @@ class Prefetcher:
                ) -> concurrent.futures.Future:
         return self.pool.submit(self._run, build)
 
+    def submit_plain(self, work: Callable[[], object]) -> concurrent.futures.Future:
+        """Work whose result is host data (counts): on the side stream too, so that it never
+        waits for the training stream (the legacy default stream would)."""
+        def run() -> object:
+            if self.side is None:
+                return work()
+            with torch.cuda.stream(self.side):
+                return work()
+        return self.pool.submit(run)
+
     def _run(self, build: Callable[[], tuple[ChunkExamples, torch.Tensor]]):
         if self.side is None:
             return build(), None
@@ -302,7 +312,7 @@ class RankStream:
     def _begin(self, epoch: int, with_first_chunks: bool) -> EpochStart:
         shards = self.my_shards(epoch)
         chunks = [self.chunk_order(shard, epoch) for shard in shards]
-        counts = self.prefetcher.pool.submit(
+        counts = self.prefetcher.submit_plain(
             lambda: [[self.source.count(c, epoch) for c in order] for order in chunks])
         first = [self.prefetcher.submit(lambda c=order[0]: self.source.build(c, epoch))
                  if with_first_chunks and order else None for order in chunks]
