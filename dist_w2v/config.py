@@ -89,7 +89,8 @@ class ModelConfig:
         _require(self.dim >= 1, "model.dim", "must be >= 1")
 
 
-OPTIMIZERS = ("adam", "sparse_adam", "sgd")
+OPTIMIZERS = ("adam", "sparse_adam", "sgd", "rowwise_adagrad")
+LR_SCHEDULES = ("auto", "constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 PATHS = ("fast", "padded")
 
@@ -103,12 +104,24 @@ class TrainConfig:
     batch_size: int = 512
     """Global batch, in center words; each of W ranks takes batch_size / W."""
     lr: float = 0.002
-    """Learning rate (SparseAdam), or the starting rate of SGD's linear decay to lr_min."""
+    """Learning rate, or the starting rate of a linear decay to lr_min."""
     lr_min: float = 0.0001
-    """SGD only: the rate the linear decay reaches at the last step (word2vec: 0.0001*lr)."""
+    """The rate a linear decay reaches at the last step (word2vec: 0.0001*lr)."""
+    lr_schedule: str = "auto"
+    """constant, linear (lr to lr_min over training) or auto (linear for sgd and
+    rowwise_adagrad, constant for the Adams)."""
+    warmup: float = 0.0
+    """Fraction of training over which lr ramps linearly from 0 up to the schedule (0 = none)."""
     optimizer: str = "adam"
     """adam (the seed's: dense moments), sparse_adam (lazy: touched rows only, for huge
-    vocabularies) or sgd (word2vec's linear decay)."""
+    vocabularies), sgd (word2vec's linear decay) or rowwise_adagrad (lazy, one accumulator
+    per row: for large global batches)."""
+    adagrad_eps: float = 1e-8
+    """rowwise_adagrad: added to the root of the row's accumulator before dividing."""
+    adagrad_init: float = 0.0
+    """rowwise_adagrad: every row's accumulator starts here (> 0 damps the first steps)."""
+    max_row_step: float = 0.0
+    """sgd: the largest L2 norm one step may move a row (0 = no cap; plain SGD)."""
     seed: int = 0
     """Seeds initialisation and every epoch's examples: epoch e is a pure function of (seed, e)."""
     device: str = "auto"
@@ -128,6 +141,13 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.lr_min >= 0, "train.lr_min", "must be >= 0")
         _require_choice(self.optimizer, "train.optimizer", OPTIMIZERS)
+        _require_choice(self.lr_schedule, "train.lr_schedule", LR_SCHEDULES)
+        _require(not self.decays or self.lr_min <= self.lr, "train.lr_min",
+                 f"must be <= train.lr ({self.lr}) for a decaying schedule (got {self.lr_min})")
+        _require(0.0 <= self.warmup < 1.0, "train.warmup", "must be in [0, 1) (a fraction)")
+        _require(self.adagrad_eps > 0, "train.adagrad_eps", "must be > 0")
+        _require(self.adagrad_init >= 0, "train.adagrad_init", "must be >= 0")
+        _require(self.max_row_step >= 0, "train.max_row_step", "must be >= 0 (0 = no cap)")
         _require_choice(self.device, "train.device", DEVICES)
         _require_choice(self.path, "train.path", PATHS)
         _require(not (self.compile and self.path == "fast"), "train.compile",
@@ -135,6 +155,13 @@ class TrainConfig:
                  "kernels, and the fast path is faster than compiled padded anyway); drop "
                  "train.compile or add train.path=padded")
         _require(self.threads >= 0, "train.threads", "must be >= 0 (0 = auto)")
+
+    @property
+    def decays(self) -> bool:
+        """Whether lr decays linearly to lr_min (auto: sgd and rowwise_adagrad, not the Adams)."""
+        if self.lr_schedule == "auto":
+            return self.optimizer in ("sgd", "rowwise_adagrad")
+        return self.lr_schedule == "linear"
 
 
 BACKENDS = ("auto", "gloo", "nccl")

@@ -36,10 +36,99 @@ class DenseMomentAdam(torch.optim.Adam):
 DENSE_ADAM_LIMIT = 10_000_000
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """adam (dense moments, as the seed), sparse_adam (lazy: only touched rows) or plain SGD.
+class RowwiseAdagrad(torch.optim.Optimizer):
+    """Lazy row-wise Adagrad (FBGEMM / torchrec's EXACT_ROWWISE_ADAGRAD) for embedding tables.
 
-    All three take the sparse gradients that the embedding tables produce and DDP exchanges.
+    One accumulator per row: for every row r the (exchanged, coalesced) gradient touches,
+    ``sum[r] += mean(g_r ** 2)`` over its D entries, then ``w_r -= lr * g_r / (sqrt(sum[r]) +
+    eps)``. Rows the batch does not touch and their accumulators stay as they are, so a step
+    costs O(touched rows x D) (plus one coalesce of the gradient), never V x D, and the state is
+    one float per row. The per-row normalisation is what lets large global batches work: a
+    frequent row's gradient sums thousands of occurrences, a rare row's a few, and both then move
+    by about lr per step instead of SGD's step proportional to the count.
+    """
+
+    def __init__(self, params, lr: float = 0.1, eps: float = 1e-8,
+                 initial_accumulator: float = 0.0):
+        if lr <= 0 or eps <= 0 or initial_accumulator < 0:
+            raise ValueError("RowwiseAdagrad needs lr > 0, eps > 0 and initial_accumulator >= 0")
+        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator": initial_accumulator})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["sum"] = torch.full((param.shape[0],), float(group["initial_accumulator"]),
+                                      dtype=param.dtype, device=param.device)
+        state["step"] += 1
+        rows, values = _row_gradient(param)
+        accumulator = state["sum"]
+        accumulator.index_add_(0, rows, values.pow(2).mean(1))
+        scale = accumulator.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
+        param.index_add_(0, rows, values * scale.mul_(-group["lr"]).unsqueeze(1))
+
+
+class RowCappedSGD(torch.optim.Optimizer):
+    """Plain SGD on the touched rows, with each row's step capped in L2 norm.
+
+    ``w_r -= lr * g_r * min(1, max_row_step / ||lr * g_r||)``. A row that few examples in the
+    batch touch moves exactly as under SGD (word2vec's per-occurrence rate); a frequent row,
+    whose gradient sums thousands of occurrences computed at the same stale parameters, moves at
+    most ``max_row_step``. Stateless and lazy: O(touched rows x D) per step.
+    """
+
+    def __init__(self, params, lr: float, max_row_step: float):
+        if lr <= 0 or max_row_step <= 0:
+            raise ValueError("RowCappedSGD needs lr > 0 and max_row_step > 0")
+        super().__init__(params, {"lr": lr, "max_row_step": max_row_step})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                rows, values = _row_gradient(param)
+                steps = values * group["lr"]
+                norms = steps.norm(dim=1, keepdim=True)
+                scale = (group["max_row_step"] / norms.clamp_min(1e-30)).clamp_max_(1.0)
+                param.index_add_(0, rows, steps.mul_(scale).neg_())
+        return loss
+
+
+def _row_gradient(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The touched rows (unique) and their gradient rows, from a row-sparse or dense gradient."""
+    grad = param.grad
+    if grad.is_sparse:
+        if grad.sparse_dim() != 1:
+            raise ValueError("row-wise optimizers take row-sparse gradients (sparse_dim 1), as "
+                             "nn.Embedding(sparse=True) gives")
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
+    return torch.arange(param.shape[0], device=param.device), grad
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """adam (dense moments, as the seed), sparse_adam (lazy: only touched rows), plain SGD, or
+    rowwise_adagrad (lazy: touched rows only, one accumulator per row).
+
+    All four take the sparse gradients that the embedding tables produce and DDP exchanges.
     """
     params = list(model.parameters())
     largest = max(p.numel() for p in params)
@@ -53,18 +142,26 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         return DenseMomentAdam(params, lr=cfg.lr)
     if cfg.optimizer == "sparse_adam":
         return torch.optim.SparseAdam(params, lr=cfg.lr)
+    if cfg.optimizer == "rowwise_adagrad":
+        return RowwiseAdagrad(params, lr=cfg.lr, eps=cfg.adagrad_eps,
+                              initial_accumulator=cfg.adagrad_init)
+    if cfg.max_row_step > 0:
+        return RowCappedSGD(params, lr=cfg.lr, max_row_step=cfg.max_row_step)
     return torch.optim.SGD(params, lr=cfg.lr)
 
 
 def learning_rate(cfg: TrainConfig, progress: float) -> float:
-    """Constant for the Adams; word2vec's linear decay from lr to lr_min for SGD.
+    """The rate at a training position: an optional linear warm-up from 0 over the first
+    ``warmup`` of training, times a constant or word2vec's linear decay from lr to lr_min.
 
     ``progress`` is the fraction of training done (epoch + step / steps) / epochs, so the
     schedule is a pure function of the position and survives resume without saved state.
     """
-    if cfg.optimizer == "sgd":
-        return cfg.lr - (cfg.lr - cfg.lr_min) * min(max(progress, 0.0), 1.0)
-    return cfg.lr
+    progress = min(max(progress, 0.0), 1.0)
+    lr = cfg.lr - (cfg.lr - cfg.lr_min) * progress if cfg.decays else cfg.lr
+    if cfg.warmup > 0:
+        lr *= min(1.0, progress / cfg.warmup)
+    return lr
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: float) -> None:
