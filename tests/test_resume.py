@@ -106,3 +106,20 @@ def test_resume_and_restart_are_exact_under_torchrun(corpus, straight_2proc, tmp
     assert f"rank 1 exits at step {KILL_AT}" in out
     assert f"{NEWEST_BEFORE_KILL} at epoch 2, step {90 - end}" in out  # by the restarted workers
     assert_same_run(run_dir, straight_2proc)
+
+
+@pytest.mark.parametrize("rule", [
+    ("train.optimizer=rowwise_adagrad", "train.lr=0.05", "train.warmup=0.2"),
+    ("train.optimizer=sgd", "train.lr=50", "train.lr_min=1", "train.max_row_step=0.05",
+     "train.warmup=0.2"),
+])
+def test_large_batch_rules_resume_exactly_mid_epoch(corpus, tmp_path, one_thread, rule):
+    """Row-wise Adagrad's accumulators and the warm-up/decay schedule survive a crash."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert train_in_process(*args(corpus, straight, "train.epochs=2", *rule)) == 0
+    code, out = run(train_command(0, *args(corpus, killed, "train.epochs=2", EVERY, *rule,
+                                          f"debug.fail_at_step={KILL_AT}")), tmp_path / "log")
+    assert code == 17, out
+    assert train_in_process(*args(corpus, killed, "train.epochs=2", EVERY, *rule),
+                            "--resume", "auto") == 0
+    assert_same_run(killed, straight)

@@ -43,9 +43,10 @@ class RowwiseAdagrad(torch.optim.Optimizer):
     ``sum[r] += mean(g_r ** 2)`` over its D entries, then ``w_r -= lr * g_r / (sqrt(sum[r]) +
     eps)``. Rows the batch does not touch and their accumulators stay as they are, so a step
     costs O(touched rows x D) (plus one coalesce of the gradient), never V x D, and the state is
-    one float per row. The per-row normalisation is what lets large global batches work: a
-    frequent row's gradient sums thousands of occurrences, a rare row's a few, and both then move
-    by about lr per step instead of SGD's step proportional to the count.
+    one float per row (allocated once, at the first step). The per-row normalisation is what
+    lets large global batches work: a frequent row's gradient sums thousands of occurrences, a
+    rare row's a few, and both take steps set by lr and the row's own history (lr·sqrt(D) in
+    norm at a row's first touch) instead of SGD's step proportional to the count.
     """
 
     def __init__(self, params, lr: float = 0.1, eps: float = 1e-8,
