@@ -66,7 +66,7 @@ def run_size(tokens: int, args: argparse.Namespace) -> list[dict]:
     if not corpus.exists():
         subprocess.run([sys.executable, "benchmarks/zipf_corpus.py", "--tokens", str(tokens),
                         "--vocab", str(args.vocab), "--out", str(corpus)], check=True, cwd=REPO)
-    seconds, rss = measured(["dist-w2v", "prepare", str(corpus), "--out", str(prepared)])
+    seconds, rss = measured(["dist-w2v", "prepare", str(corpus), "--out", str(prepared), "--force"])
     rows = [{"tokens": tokens, "what": "prepare", "procs": 1, "seconds": seconds,
              "rate": tokens / seconds, "rss_gb": rss}]
     for procs in (1, 2):

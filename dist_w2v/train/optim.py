@@ -36,7 +36,26 @@ class DenseMomentAdam(torch.optim.Adam):
 DENSE_ADAM_LIMIT = 10_000_000
 
 
-class RowwiseAdagrad(torch.optim.Optimizer):
+class RowOptimizer(torch.optim.Optimizer):
+    """An update applied table by table to the rows a gradient touches (``_update``)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+class RowwiseAdagrad(RowOptimizer):
     """Lazy row-wise Adagrad (FBGEMM / torchrec's EXACT_ROWWISE_ADAGRAD) for embedding tables.
 
     One accumulator per row: for every row r the (exchanged, coalesced) gradient touches,
@@ -55,18 +74,6 @@ class RowwiseAdagrad(torch.optim.Optimizer):
             raise ValueError("RowwiseAdagrad needs lr > 0, eps > 0 and initial_accumulator >= 0")
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator": initial_accumulator})
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
-        return loss
-
     def _update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         if not state:
@@ -81,7 +88,7 @@ class RowwiseAdagrad(torch.optim.Optimizer):
         param.index_add_(0, rows, values * scale.mul_(-group["lr"]).unsqueeze(1))
 
 
-class RowCappedSGD(torch.optim.Optimizer):
+class RowCappedSGD(RowOptimizer):
     """Plain SGD on the touched rows, with each row's step capped in L2 norm.
 
     ``w_r -= lr * g_r * min(1, max_row_step / ||lr * g_r||)``. A row that few examples in the
@@ -95,22 +102,12 @@ class RowCappedSGD(torch.optim.Optimizer):
             raise ValueError("RowCappedSGD needs lr > 0 and max_row_step > 0")
         super().__init__(params, {"lr": lr, "max_row_step": max_row_step})
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                rows, values = _row_gradient(param)
-                steps = values * group["lr"]
-                norms = steps.norm(dim=1, keepdim=True)
-                scale = (group["max_row_step"] / norms.clamp_min(1e-30)).clamp_max_(1.0)
-                param.index_add_(0, rows, steps.mul_(scale).neg_())
-        return loss
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        rows, values = _row_gradient(param)
+        steps = values * group["lr"]
+        norms = steps.norm(dim=1, keepdim=True)
+        scale = (group["max_row_step"] / norms.clamp_min(1e-30)).clamp_max_(1.0)
+        param.index_add_(0, rows, steps.mul_(scale).neg_())
 
 
 def _row_gradient(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
