@@ -152,11 +152,11 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None, resum
         refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
         logger = make_logger(cfg, env, run_path)
         corpus = open_corpus(cfg, env, environ, logger.info)
-        trainer = Trainer(cfg, env, run_path, corpus, logger, stop=stop)
+        trainer = Trainer(cfg, env, run_path, corpus, logger,
+                          evaluate=make_evaluator(cfg, corpus.vocab, logger.info), stop=stop)
         resume = resolve_and_check(trainer, resume, cfg)
         prepare_run_dir(run_path, cfg, env)
         logger.use_wandb(start_wandb(cfg, env, run_path, resume is not None, environ))
-        trainer.evaluate = make_evaluator(cfg, trainer.vocab, logger.info)
         logger.info(
             f"dist-w2v: {len(trainer.vocab)} words, {corpus.num_tokens} tokens, world size "
             f"{env.world_size} "
