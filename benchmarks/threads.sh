@@ -18,6 +18,7 @@ REPEATS=${REPEATS:-3}
 BUSY_CORE=${BUSY_CORE:-0}
 PYTHON=${PYTHON:-python}
 OUT=${OUT:-$(mktemp -d -t dist-w2v-threads.XXXXXX)}
+mkdir -p "$OUT"
 
 busy_pid=""
 stop_busy() {
