@@ -358,7 +358,7 @@ def test_ptb_is_verified_once_and_a_tampered_copy_refused(tmp_path, ptb, monkeyp
     def no_hashing(*args):
         raise AssertionError("hashed again")
 
-    monkeypatch.setattr(sources, "_hash_file", no_hashing)
+    monkeypatch.setattr(sources, "file_digest", no_hashing)
     assert sources.prepared_dir_for(cfg, dirs, lambda _: None) == path
     monkeypatch.undo()
     train = data / "ptb.train.txt"

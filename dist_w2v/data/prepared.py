@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_w2v.atomic import write_text_atomically
 from dist_w2v.data.vocab import Vocab, read_vocab_text, vocab_text
 from dist_w2v.errors import UserError
 
@@ -159,22 +160,18 @@ def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def file_entry(path: Path) -> dict[str, Any]:
-    """Size and SHA-256 of one output file, as the manifest records it."""
-    digest = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """A file's hex digest, read in 16 MB blocks (files here can be gigabytes)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while block := handle.read(1 << 24):
             digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def file_entry(path: Path) -> dict[str, Any]:
+    """Size and SHA-256 of one output file, as the manifest records it."""
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 class PreparedWriter:
@@ -217,7 +214,7 @@ class PreparedWriter:
             "files": {name: file_entry(self.directory / name)
                       for name in (VOCAB_FILE, TOKENS_FILE, SENTENCES_FILE)},
         }
-        write_json_atomically(self.directory / MANIFEST_FILE, manifest)
+        write_text_atomically(self.directory / MANIFEST_FILE, json.dumps(manifest, indent=1))
         return manifest
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dist_w2v.data.prepared import VERSION, PrepareSettings, load_prepared
+from dist_w2v.data.prepared import VERSION, PrepareSettings, file_digest, load_prepared
 from dist_w2v.errors import UserError
 
 if TYPE_CHECKING:  # env.py imports torch, which `dist-w2v prepare` does not need
@@ -45,14 +45,6 @@ PREPARED_DIR = "prepared"
 # ----------------------------------------------------------------------------- checksums
 
 
-def _hash_file(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_checksum(path: Path, algorithm: str, cache: Path) -> str:
     """The file's digest, remembered in ``cache/checksums.json`` by (path, size, mtime_ns)."""
     path = Path(path).resolve()
@@ -69,7 +61,7 @@ def file_checksum(path: Path, algorithm: str, cache: Path) -> str:
     if (isinstance(entry, dict) and entry.get("bytes") == stat.st_size
             and entry.get("mtime_ns") == stat.st_mtime_ns):
         return str(entry["digest"])
-    digest = _hash_file(path, algorithm)
+    digest = file_digest(path, algorithm)
     known[key] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "digest": digest}
     with contextlib.suppress(OSError):  # an unwritable cache only costs a hash next time
         cache.mkdir(parents=True, exist_ok=True)
