@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dist_w2v.data.sources import prepared_dir_for
 
 from dist_w2v.config import load_config
 from dist_w2v.data.prepared import load_prepared
+from dist_w2v.data.sources import prepared_dir_for
 from dist_w2v.parallel.env import DistEnv, user_dirs
 from dist_w2v.parallel.exchange import allgather_sparse, dense_exchange, wrap_model
 from dist_w2v.train.loop import Trainer, init_model

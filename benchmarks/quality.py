@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from dist_w2v.data.sources import prepared_dir_for, ptb_split_path
 
 from dist_w2v.config import Config, load_config
 from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.data.prepared import load_prepared
+from dist_w2v.data.sources import prepared_dir_for, ptb_split_path
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.evaluate import evaluation_report, json_safe, load_benchmarks

@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from dist_w2v.data.sources import prepared_dir_for
 
 from dist_w2v.config import load_config
 from dist_w2v.data.examples import ChunkExamples, ExampleBuilder
 from dist_w2v.data.prepared import load_prepared
+from dist_w2v.data.sources import prepared_dir_for
 from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.parallel.env import user_dirs

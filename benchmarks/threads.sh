@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Center words/s of one short training run for train.threads 1 and 2, OMP_WAIT_POLICY unset and
-# PASSIVE, on a quiet machine and with one core kept busy by a competing process. Run it on an
+# Center words/s of one short training run for train.threads 1 and 2, OMP_WAIT_POLICY at libgomp's
+# default and PASSIVE (dist-w2v's default), on a quiet machine and with one core kept busy by a competing process. Run it on an
 # otherwise idle machine (it makes its own competing load): the numbers are only worth comparing
 # within one invocation.
 #
@@ -39,9 +39,12 @@ start_busy() {
 # One run: prints the epoch's center words/s from metrics.jsonl.
 words_per_s() {
     local threads=$1 policy=$2 run_dir=$3
-    local env_args=()
-    [[ "$policy" != unset ]] && env_args=(OMP_WAIT_POLICY="$policy")
-    env -u OMP_WAIT_POLICY "${env_args[@]}" "$PYTHON" -m dist_w2v.cli train --config "$CONFIG" \
+    shift 3
+    # An empty OMP_WAIT_POLICY is libgomp's own default (spin a while, then sleep): dist-w2v
+    # sets PASSIVE only where the variable is not set at all.
+    local value=$policy
+    [[ "$policy" == libgomp-default ]] && value=""
+    env OMP_WAIT_POLICY="$value" "$PYTHON" -m dist_w2v.cli train --config "$CONFIG" \
         --run-dir "$run_dir" train.epochs=1 "data.max_sentences=$MAX_SENTENCES" \
         "train.threads=$threads" eval.every_epochs=0 ckpt.keep=1 "$@" >"$run_dir.log" 2>&1
     "$PYTHON" - "$run_dir/metrics.jsonl" <<'EOF'
@@ -60,7 +63,7 @@ printf '|---|---:|---|---:|---|\n'
 for load in quiet one-core-busy; do
     [[ "$load" == one-core-busy ]] && start_busy
     for threads in 1 2; do
-        for policy in unset PASSIVE; do
+        for policy in libgomp-default PASSIVE; do
             results=()
             for repeat in $(seq 1 "$REPEATS"); do
                 run_dir="$OUT/$load-t$threads-$policy-$repeat"

@@ -127,7 +127,7 @@ class TrainConfig:
     device: str = "auto"
     """auto picks cuda when available, else cpu."""
     threads: int = 0
-    """Intra-op threads per process; 0 = cores / local processes."""
+    """Intra-op threads per process; 0 = cores / local processes (less one on CPU)."""
     path: str = "fast"
     """fast: the loss from the real (center, word) pairs only, with gradients that come out
     coalesced (dist_w2v/fast_path.py); padded: the seed's bmm over all L slots (the reference)."""

@@ -9,6 +9,7 @@ import torch
 from conftest import one_chunk_examples
 
 from dist_w2v.config import DataConfig
+from dist_w2v.data import compiled_rows
 from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.data.vocab import Vocab
@@ -60,8 +61,10 @@ def test_contexts_lie_in_window_inside_sentence(ptb_data):
         assert centers[i] == tokens[i]
 
 
-def test_no_negative_equals_a_context_and_layout(ptb_data):
-    cfg, corpus, builder, _ = ptb_data
+@pytest.mark.parametrize("rows", ["compiled", "tensor"])
+def test_no_negative_equals_a_context_and_layout(ptb_data, rows):
+    cfg, corpus, _, _ = ptb_data
+    builder = ExampleBuilder(corpus.vocab, cfg, CPU, rows)
     ex = one_chunk_examples(corpus, builder, seed=1)
     k = cfg.num_negatives
     n = ex.num_contexts
@@ -81,6 +84,57 @@ def test_no_negative_equals_a_context_and_layout(ptb_data):
         m = int(n[row])
         assert mask[row].tolist() == [1.0] * (m * (1 + k)) + [0.0] * (ex.width - m * (1 + k))
         assert label[row].tolist() == [1.0] * m + [0.0] * (ex.width - m)
+
+
+def test_compiled_contexts_lie_in_window_inside_sentence(ptb_data):
+    """The compiled builder's rows: the centers are the subsampled tokens in corpus order, and
+    each row's contexts are a window of radius 1..max_window inside the center's sentence."""
+    cfg, corpus, builder, source = ptb_data
+    tokens, sentence_ids = (t.numpy() for t in source.tokens(whole_corpus(corpus)))
+    seed = 12345
+    kept, kept_sentences = compiled_rows._subsample(
+        tokens, sentence_ids, builder.keep_host, compiled_rows._random_state(seed))
+    centers, layout, num_contexts, drawn = compiled_rows.build_examples(
+        tokens, sentence_ids, builder.keep_host, cfg.max_window, cfg.num_negatives,
+        builder.alias_probability.numpy(), builder.alias.numpy(), seed)
+    assert drawn and np.array_equal(centers, kept)
+    assert compiled_rows.count_examples(tokens, sentence_ids, builder.keep_host, seed) == len(kept)
+    radii = []
+    for i in np.random.default_rng(0).choice(len(kept), size=3000, replace=False):
+        same = np.flatnonzero(kept_sentences == kept_sentences[i])
+        got = layout[i, :num_contexts[i]].tolist()
+        windows = [kept[[j for j in same if abs(j - i) <= r and j != i]].tolist()
+                   for r in range(1, cfg.max_window + 1)]
+        assert got in windows, (i, got)
+        radii.append(windows.index(got))
+    assert len(set(radii)) > 1  # the radius is drawn, not fixed
+
+
+def test_compiled_and_tensor_builders_draw_from_the_same_distributions(ptb_data):
+    """Five PTB epochs from each builder: the same number of centers and pairs, and the same
+    frequency of every common word as a center (subsampling) and as a negative (noise draws
+    with rejection), within sampling noise. The tensor builder's own tests pin these
+    distributions to d2l's formulas."""
+    cfg, corpus, _, _ = ptb_data
+    size = len(corpus.vocab)
+    totals = {}
+    for rows in ("compiled", "tensor"):
+        builder = ExampleBuilder(corpus.vocab, cfg, CPU, rows)
+        centers, negatives, pairs = np.zeros(size), np.zeros(size), 0
+        for epoch in range(5):
+            ex = one_chunk_examples(corpus, builder, seed=7, epoch=epoch)
+            n = ex.num_contexts[:, None]
+            slots = torch.arange(ex.width)
+            noise = ex.contexts_negatives[(slots >= n) & (slots < n * (1 + cfg.num_negatives))]
+            centers += np.bincount(ex.centers.numpy(), minlength=size)
+            negatives += np.bincount(noise.numpy(), minlength=size)
+            pairs += ex.num_pairs
+        totals[rows] = centers, negatives, pairs
+    (c1, n1, p1), (c2, n2, p2) = totals["compiled"], totals["tensor"]
+    assert abs(p1 - p2) < 0.005 * p2 and abs(c1.sum() - c2.sum()) < 0.005 * c2.sum()
+    for a, b in ((c1, c2), (n1, n2)):
+        top = np.argsort(-b)[:100]
+        assert (np.abs(a[top] - b[top]) < 6 * np.sqrt(a[top] + b[top])).all()
 
 
 def test_rejection_redraws_only_the_clashing_negatives():

@@ -23,9 +23,12 @@ def sparse_grad(rows: list[int], values: list[list[float]], shape: tuple[int, in
     return grad.coalesce() if coalesced else grad
 
 
-def test_rowwise_adagrad_matches_the_rule_by_hand():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "tensor-ops"])
+def test_rowwise_adagrad_matches_the_rule_by_hand(compiled):
+    """Both implementations: the compiled CPU loop and the tensor operations GPUs run."""
     table = torch.nn.Parameter(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
     opt = RowwiseAdagrad([table], lr=0.5, eps=1e-8, initial_accumulator=0.25)
+    opt.compiled = compiled
     # Row 2 appears twice (uncoalesced): its gradient is the sum [0.3, -0.4].
     table.grad = sparse_grad([0, 2, 2], [[0.6, -0.8], [0.1, -0.1], [0.2, -0.3]], (3, 2))
     opt.step()

@@ -95,6 +95,12 @@ def seeded_generator(device: torch.device, *keys: int) -> torch.Generator:
     return g
 
 
+def compiled_seed(g: torch.Generator) -> int:
+    """The compiled builder's seed, drawn from the chunk's generator (so count and build,
+    given generators in the same state, replay the same draws)."""
+    return int(torch.randint(0, 2**62, (1,), generator=g))
+
+
 def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vose's alias method: draw column i uniformly, keep it with probability[i], else alias[i]."""
     size = len(distribution)
@@ -111,17 +117,34 @@ def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return probability, alias
 
 
-class ExampleBuilder:
-    """Holds the sampling tables on one device and turns chunks of sentences into examples."""
+ROW_BUILDERS = ("compiled", "tensor")
 
-    def __init__(self, vocab: Vocab, cfg: DataConfig, device: torch.device):
+TOO_SMALL = ("cannot draw negatives that differ from the contexts: the vocabulary is too small; "
+             "lower data.min_count or use a larger corpus")
+
+
+class ExampleBuilder:
+    """Holds the sampling tables on one device and turns chunks of sentences into examples.
+
+    ``rows`` picks how windows and negatives are built: ``compiled`` (CPU only, the default
+    there: data/compiled_rows.py) or ``tensor`` (whole-array operations on any device, the
+    default on GPUs). Both follow d2l 14.3; they differ in their random draws.
+    """
+
+    def __init__(self, vocab: Vocab, cfg: DataConfig, device: torch.device,
+                 rows: str | None = None):
         self.cfg = cfg
         self.device = device
+        self.rows = rows or ("compiled" if device.type == "cpu" else "tensor")
+        if self.rows not in ROW_BUILDERS or (self.rows == "compiled" and device.type != "cpu"):
+            raise ValueError(f"rows must be one of {ROW_BUILDERS} ('compiled' on CPU only), "
+                             f"got {self.rows!r} on {device}")
         counts = vocab.counts.astype(np.float64)
         frequency = counts / counts[1:].sum()
         keep = np.ones_like(frequency)
         keep[1:] = np.minimum(1.0, np.sqrt(cfg.subsample_t / frequency[1:]))
         self.keep_probability = torch.as_tensor(keep, device=device)
+        self.keep_host = keep
         noise = counts**0.75
         noise[0] = 0.0  # d2l draws noise from indices 1..V-1 only
         self.noise_distribution = noise / noise.sum()
@@ -133,11 +156,18 @@ class ExampleBuilder:
 
     def count(self, tokens: torch.Tensor, sentence_ids: torch.Tensor, g: torch.Generator) -> int:
         """How many examples :meth:`build` gives for the same inputs and generator state."""
+        if self.rows == "compiled":
+            from dist_w2v.data.compiled_rows import count_examples  # numba: imported when used
+
+            return int(count_examples(tokens.numpy(), sentence_ids.numpy(), self.keep_host,
+                                      compiled_seed(g)))
         return int(self.subsample(tokens, sentence_ids, g)[0].shape[0])
 
     def build(self, tokens: torch.Tensor, sentence_ids: torch.Tensor,
               g: torch.Generator) -> ChunkExamples:
         """``tokens`` (int32) and each token's sentence number, sentences whole and in order."""
+        if self.rows == "compiled":
+            return self.compiled_examples(tokens, sentence_ids, g)
         tokens, sentence_ids = self.subsample(tokens, sentence_ids, g)
         centers, contexts, num_contexts = self.windows(tokens, sentence_ids, g)
         return ChunkExamples(
@@ -146,6 +176,30 @@ class ExampleBuilder:
             num_contexts=num_contexts,
             num_negatives=self.cfg.num_negatives,
         )
+
+    def warm_up(self) -> None:
+        """Load (the first time on a machine: compile) the compiled builder with the dtypes of
+        real chunks, so that its ~1 s does not land in the first training epoch."""
+        if self.rows == "compiled":
+            tokens = torch.tensor([1, 2, 1], dtype=torch.int32)
+            sentences = torch.zeros(3, dtype=torch.int64)
+            self.count(tokens, sentences, torch.Generator())
+            self.build(tokens, sentences, torch.Generator())
+
+    def compiled_examples(self, tokens: torch.Tensor, sentence_ids: torch.Tensor,
+                          g: torch.Generator) -> ChunkExamples:
+        from dist_w2v.data.compiled_rows import build_examples  # numba: imported when used
+
+        centers, layout, num_contexts, drawn = build_examples(
+            tokens.numpy(), sentence_ids.numpy(), self.keep_host, self.cfg.max_window,
+            self.cfg.num_negatives, self.alias_probability.numpy(), self.alias.numpy(),
+            compiled_seed(g))
+        if not drawn:
+            raise UserError(TOO_SMALL)
+        return ChunkExamples(centers=torch.from_numpy(centers),
+                             contexts_negatives=torch.from_numpy(layout),
+                             num_contexts=torch.from_numpy(num_contexts),
+                             num_negatives=self.cfg.num_negatives)
 
     def subsample(self, tokens: torch.Tensor, sentence_ids: torch.Tensor,
                   g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,10 +271,7 @@ class ExampleBuilder:
             if pending.numel() == 0:
                 return negatives
             negatives[pending] = self.draw_noise(int(pending.numel()), g)
-        raise UserError(
-            "cannot draw negatives that differ from the contexts: the vocabulary is too "
-            "small; lower data.min_count or use a larger corpus"
-        )
+        raise UserError(TOO_SMALL)
 
     def build_layout(
         self, contexts: torch.Tensor, num_contexts: torch.Tensor, g: torch.Generator

@@ -111,8 +111,9 @@ class ChunkSource:
         """The chunk's token ids (int32) and each token's sentence number, on the device."""
         ids = torch.from_numpy(self.corpus.read_tokens(chunk.start, chunk.stop))
         bounds = self.corpus.read_sentence_offsets(chunk.first_sentence, chunk.last_sentence)
-        lengths = torch.from_numpy(np.diff(bounds))
-        sentences = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
+        # numpy, not torch: on CPU this runs beside the training step, and a torch op here
+        # would start an OpenMP team of its own on the step's cores.
+        sentences = torch.from_numpy(np.repeat(np.arange(len(bounds) - 1), np.diff(bounds)))
         return ids.to(self.device), sentences.to(self.device)
 
     def generator(self, chunk: Chunk, epoch: int) -> torch.Generator:

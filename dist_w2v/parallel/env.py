@@ -140,9 +140,16 @@ def choose_backend(requested: str, device: torch.device) -> str:
     return requested
 
 
-def set_threads(requested: int, local_world_size: int) -> None:
-    """One process per core share: oversubscribed ranks on a small CPU box run far slower."""
-    threads = requested or max(1, usable_cores() // max(1, local_world_size))
+def set_threads(requested: int, local_world_size: int, device: torch.device) -> None:
+    """Intra-op threads: each process's share of the cores (oversubscribed ranks on a small box
+    run far slower), less one on CPU, where the chunk builder thread works beside the step.
+
+    Measured on the 2-core dev machine (configs/ptb-fast.yaml; benchmarks/throughput.md,
+    "Threads"): one step thread 221k center words/s quiet and 179k with a core busy elsewhere
+    (81%); two threads 252k quiet but 90k busy (36%; 157k with OMP_WAIT_POLICY=PASSIVE).
+    """
+    share = max(1, usable_cores() // max(1, local_world_size))
+    threads = requested or (max(1, share - 1) if device.type == "cpu" else share)
     torch.set_num_threads(threads)
 
 
@@ -159,8 +166,8 @@ def init_distributed(
     if store is not None:
         launch = LaunchInfo(launch.rank, launch.local_rank, launch.world_size,
                             launch.local_world_size, "store")
-    set_threads(cfg.train.threads, launch.local_world_size)
     device = choose_device(cfg.train.device, launch.local_rank)
+    set_threads(cfg.train.threads, launch.local_world_size, device)
     restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")) + int(
         environ.get("SLURM_RESTART_COUNT", "0"))
     if launch.launcher == "none":

@@ -67,6 +67,17 @@ def init_model(vocab_size: int, cfg: Config, device: torch.device) -> SkipGram:
     return model.to(device)
 
 
+def warm_up_compiled_kernels(builder: ExampleBuilder, model: SkipGram,
+                             optimizer: torch.optim.Optimizer) -> None:
+    """numba loads its CPU kernels at their first call (and compiles them, the first time on a
+    machine): here, before training's clock starts, rather than inside the first epoch."""
+    builder.warm_up()
+    model.warm_up()
+    warm_up = getattr(optimizer, "warm_up", None)
+    if warm_up is not None:
+        warm_up()
+
+
 def checkpoint_payload(
     model: SkipGram, optimizer: torch.optim.Optimizer, state: TrainState, vocab: Vocab, cfg: Config,
     corpus: PreparedCorpus,
@@ -152,6 +163,7 @@ class Trainer:
                                  env.world_size, env.rank, lambda t: all_sum(env, t))
         self.model = init_model(len(self.vocab), cfg, env.device)
         self.optimizer = build_optimizer(cfg.train, self.model)
+        warm_up_compiled_kernels(builder, self.model, self.optimizer)
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, env, say=self.log.info)
         self.state = TrainState()
 

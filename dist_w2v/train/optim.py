@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -68,11 +69,28 @@ class RowwiseAdagrad(RowOptimizer):
     norm at a row's first touch) instead of SGD's step proportional to the count.
     """
 
+    # On CPU the step runs as one compiled loop (train/compiled_updates.py); False: as tensor
+    # operations, as on GPUs.
+    compiled = True
+
     def __init__(self, params, lr: float = 0.1, eps: float = 1e-8,
                  initial_accumulator: float = 0.0):
         if lr <= 0 or eps <= 0 or initial_accumulator < 0:
             raise ValueError("RowwiseAdagrad needs lr > 0, eps > 0 and initial_accumulator >= 0")
         super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator": initial_accumulator})
+
+    def warm_up(self) -> None:
+        """Load (the first time on a machine: compile) the CPU kernel on scratch rows."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.device.type == "cpu" and self.compiled:
+                    from dist_w2v.model.fused_cpu import numba_threads
+                    from dist_w2v.train.compiled_updates import rowwise_adagrad
+
+                    numba_threads()
+                    rows = np.zeros((1, param.shape[1]), dtype=param.detach().numpy().dtype)
+                    rowwise_adagrad(rows, np.zeros(1, dtype=rows.dtype), np.zeros(1, np.int64),
+                                    rows.copy(), float(group["lr"]), float(group["eps"]))
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
@@ -83,6 +101,14 @@ class RowwiseAdagrad(RowOptimizer):
         state["step"] += 1
         rows, values = _row_gradient(param)
         accumulator = state["sum"]
+        if param.device.type == "cpu" and self.compiled:
+            from dist_w2v.model.fused_cpu import numba_threads  # numba: when used
+            from dist_w2v.train.compiled_updates import rowwise_adagrad
+
+            numba_threads()
+            rowwise_adagrad(param.detach().numpy(), accumulator.numpy(), rows.numpy(),
+                            values.contiguous().numpy(), group["lr"], group["eps"])
+            return
         accumulator.index_add_(0, rows, values.pow(2).mean(1))
         scale = accumulator.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
         param.index_add_(0, rows, values * scale.mul_(-group["lr"]).unsqueeze(1))
@@ -117,6 +143,12 @@ def _row_gradient(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if grad.sparse_dim() != 1:
             raise ValueError("row-wise optimizers take row-sparse gradients (sparse_dim 1), as "
                              "nn.Embedding(sparse=True) gives")
+        if grad.device.type == "cpu" and not grad.is_coalesced():
+            # Autograd drops the fast path's coalesced flag when it stores .grad; rows already
+            # strictly increasing need no sort (on a GPU, finding out would cost a sync).
+            rows = grad._indices()[0]
+            if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+                return rows, grad._values()
         grad = grad.coalesce()
         return grad.indices()[0], grad.values()
     return torch.arange(param.shape[0], device=param.device), grad
