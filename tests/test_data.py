@@ -91,14 +91,14 @@ def test_compiled_contexts_lie_in_window_inside_sentence(ptb_data):
     each row's contexts are a window of radius 1..max_window inside the center's sentence."""
     cfg, corpus, builder, source = ptb_data
     tokens, sentence_ids = (t.numpy() for t in source.tokens(whole_corpus(corpus)))
-    seed = 12345
+    seed, keep = 12345, builder.keep_probability.numpy()
     kept, kept_sentences = compiled_rows._subsample(
-        tokens, sentence_ids, builder.keep_host, compiled_rows._random_state(seed))
+        tokens, sentence_ids, keep, compiled_rows._random_state(seed))
     centers, layout, num_contexts, drawn = compiled_rows.build_examples(
-        tokens, sentence_ids, builder.keep_host, cfg.max_window, cfg.num_negatives,
+        tokens, sentence_ids, keep, cfg.max_window, cfg.num_negatives,
         builder.alias_probability.numpy(), builder.alias.numpy(), seed)
     assert drawn and np.array_equal(centers, kept)
-    assert compiled_rows.count_examples(tokens, sentence_ids, builder.keep_host, seed) == len(kept)
+    assert compiled_rows.count_examples(tokens, sentence_ids, keep, seed) == len(kept)
     radii = []
     for i in np.random.default_rng(0).choice(len(kept), size=3000, replace=False):
         same = np.flatnonzero(kept_sentences == kept_sentences[i])

@@ -144,7 +144,6 @@ class ExampleBuilder:
         keep = np.ones_like(frequency)
         keep[1:] = np.minimum(1.0, np.sqrt(cfg.subsample_t / frequency[1:]))
         self.keep_probability = torch.as_tensor(keep, device=device)
-        self.keep_host = keep
         noise = counts**0.75
         noise[0] = 0.0  # d2l draws noise from indices 1..V-1 only
         self.noise_distribution = noise / noise.sum()
@@ -159,8 +158,8 @@ class ExampleBuilder:
         if self.rows == "compiled":
             from dist_w2v.data.compiled_rows import count_examples  # numba: imported when used
 
-            return int(count_examples(tokens.numpy(), sentence_ids.numpy(), self.keep_host,
-                                      compiled_seed(g)))
+            return int(count_examples(tokens.numpy(), sentence_ids.numpy(),
+                                      self.keep_probability.numpy(), compiled_seed(g)))
         return int(self.subsample(tokens, sentence_ids, g)[0].shape[0])
 
     def build(self, tokens: torch.Tensor, sentence_ids: torch.Tensor,
@@ -191,9 +190,9 @@ class ExampleBuilder:
         from dist_w2v.data.compiled_rows import build_examples  # numba: imported when used
 
         centers, layout, num_contexts, drawn = build_examples(
-            tokens.numpy(), sentence_ids.numpy(), self.keep_host, self.cfg.max_window,
-            self.cfg.num_negatives, self.alias_probability.numpy(), self.alias.numpy(),
-            compiled_seed(g))
+            tokens.numpy(), sentence_ids.numpy(), self.keep_probability.numpy(),
+            self.cfg.max_window, self.cfg.num_negatives, self.alias_probability.numpy(),
+            self.alias.numpy(), compiled_seed(g))
         if not drawn:
             raise UserError(TOO_SMALL)
         return ChunkExamples(centers=torch.from_numpy(centers),
