@@ -25,14 +25,17 @@ import numba
 import numpy as np
 import torch
 
+from dist_w2v.model.fast_path import row_gradient
+
 # Reassociation lets LLVM vectorise the dot products (16 floats at a time); no 'nnan'/'ninf',
 # so a diverging run still produces the NaN the trainer stops on.
 FASTMATH = {"reassoc", "contract"}
 
 
 @numba.njit(cache=True, nogil=True)
-def _unique_sorted(ids: np.ndarray, count: int, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique values among the first ``count`` of ``ids`` and each one's position."""
+def _unique_sorted(ids: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique values of ``ids`` and each id's position among them."""
+    count = ids.shape[0]
     position = np.full(num_rows, -1, dtype=np.int32)
     found = np.empty(count, dtype=np.int64)
     unique = 0
@@ -166,8 +169,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def _sparse_rows(rows: np.ndarray, values: np.ndarray, shape: torch.Size) -> torch.Tensor:
-    return torch.sparse_coo_tensor(torch.from_numpy(rows).unsqueeze(0), torch.from_numpy(values),
-                                   shape, is_coalesced=True, check_invariants=False)
+    return row_gradient(torch.from_numpy(rows), torch.from_numpy(values), shape)
 
 
 class FusedSkipGramLoss(torch.autograd.Function):
@@ -198,9 +200,8 @@ class FusedSkipGramLoss(torch.autograd.Function):
         # d(loss_i)/d(pair score) = error / pair count of example i, times the caller's weight.
         example_weight = _numpy(grad_output).astype(v_table.dtype, copy=False) / pair_counts
         center_shape, context_shape = ctx.shapes
-        word_rows, word_positions = _unique_sorted(words, words.shape[0], context_shape[0])
-        center_rows, center_positions = _unique_sorted(centers_np, centers_np.shape[0],
-                                                       center_shape[0])
+        word_rows, word_positions = _unique_sorted(words, context_shape[0])
+        center_rows, center_positions = _unique_sorted(centers_np, center_shape[0])
         grad_u = _context_gradient(v_table, centers_np, word_positions, error, example_weight,
                                    pair_offsets, word_rows.shape[0], threads)
         grad_v = _center_gradient(hidden, example_weight, center_positions,

@@ -10,9 +10,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from dist_w2v.model.fused_cpu import numba_threads
+
+
+def rowwise_adagrad(weight: np.ndarray, accumulator: np.ndarray, rows: np.ndarray,
+                    grad: np.ndarray, lr: float, eps: float) -> None:
+    """One row-wise Adagrad step in place, on as many threads as torch uses."""
+    numba_threads()
+    _rowwise_adagrad(weight, accumulator, rows, grad, lr, eps)
+
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def rowwise_adagrad(weight: np.ndarray, accumulator: np.ndarray, rows: np.ndarray,
+def _rowwise_adagrad(weight: np.ndarray, accumulator: np.ndarray, rows: np.ndarray,
                     grad: np.ndarray, lr: float, eps: float) -> None:
     """For each (unique) row r: sum[r] += mean(g_r²); w_r -= lr · g_r / (sqrt(sum[r]) + eps)."""
     dim = grad.shape[1]

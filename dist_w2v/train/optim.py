@@ -84,10 +84,8 @@ class RowwiseAdagrad(RowOptimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 if param.device.type == "cpu" and self.compiled:
-                    from dist_w2v.model.fused_cpu import numba_threads
                     from dist_w2v.train.compiled_updates import rowwise_adagrad
 
-                    numba_threads()
                     rows = np.zeros((1, param.shape[1]), dtype=param.detach().numpy().dtype)
                     rowwise_adagrad(rows, np.zeros(1, dtype=rows.dtype), np.zeros(1, np.int64),
                                     rows.copy(), float(group["lr"]), float(group["eps"]))
@@ -102,10 +100,8 @@ class RowwiseAdagrad(RowOptimizer):
         rows, values = _row_gradient(param)
         accumulator = state["sum"]
         if param.device.type == "cpu" and self.compiled:
-            from dist_w2v.model.fused_cpu import numba_threads  # numba: when used
-            from dist_w2v.train.compiled_updates import rowwise_adagrad
+            from dist_w2v.train.compiled_updates import rowwise_adagrad  # numba: when used
 
-            numba_threads()
             rowwise_adagrad(param.detach().numpy(), accumulator.numpy(), rows.numpy(),
                             values.contiguous().numpy(), group["lr"], group["eps"])
             return
