@@ -31,7 +31,7 @@ from dist_w2v.parallel.env import user_dirs
 from dist_w2v.train.optim import build_optimizer
 
 PHASES = ("sampling", "slice", "forward", "backward", "coalesce", "optimizer")
-DEFAULT_LR = {"adam": 0.002, "sparse_adam": 0.002, "sgd": 0.025}
+DEFAULT_LR = {"adam": 0.002, "sparse_adam": 0.002, "sgd": 0.025, "rowwise_adagrad": 0.5}
 
 
 @dataclass

@@ -92,8 +92,8 @@ def test_compiled_contexts_lie_in_window_inside_sentence(ptb_data):
     cfg, corpus, builder, source = ptb_data
     tokens, sentence_ids = (t.numpy() for t in source.tokens(whole_corpus(corpus)))
     seed, keep = 12345, builder.keep_probability.numpy()
-    kept, kept_sentences = compiled_rows._subsample(
-        tokens, sentence_ids, keep, compiled_rows._random_state(seed))
+    kept, kept_sentences, _ = compiled_rows._subsample(tokens, sentence_ids, keep,
+                                                       np.uint64(seed))
     centers, layout, num_contexts, drawn = compiled_rows.build_examples(
         tokens, sentence_ids, keep, cfg.max_window, cfg.num_negatives,
         builder.alias_probability.numpy(), builder.alias.numpy(), seed)

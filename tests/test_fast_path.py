@@ -98,6 +98,16 @@ def test_fast_equals_padded_on_a_ptb_batch(ptb_epoch, kernel, size):
     assert_same_step(reference, (per_example.detach(), grads))
 
 
+def test_the_fused_kernel_on_two_threads_matches_the_reference(ptb_epoch):
+    """Two threads: the forward splits the examples, the backward scatters into one partial
+    gradient per thread and adds them up; the step must still be the reference's."""
+    torch.set_num_threads(2)  # the autouse fixture restores it
+    batch = ptb_batch(ptb_epoch, 4096, seed=5)
+    weights = torch.rand(4096, generator=torch.Generator().manual_seed(6)) / 4096
+    padded, fast = model_pair(ptb_epoch[1])
+    assert_same_step(loss_and_grads(padded, batch, weights), loss_and_grads(fast, batch, weights))
+
+
 def test_fast_gradients_come_out_coalesced(ptb_epoch):
     """Unique, sorted rows, flagged coalesced: exactly the rows the batch touches."""
     batch = ptb_batch(ptb_epoch, 512)
