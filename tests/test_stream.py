@@ -8,6 +8,9 @@ thing over gloo.
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,7 @@ from conftest import prepare
 
 from dist_w2v.config import DataConfig
 from dist_w2v.data.examples import ExampleBuilder
-from dist_w2v.data.stream import RankStream, check_shards, plan_chunks
+from dist_w2v.data.stream import ChunkSource, RankStream, check_shards, plan_chunks
 from dist_w2v.errors import UserError
 
 CPU = torch.device("cpu")
@@ -97,18 +100,18 @@ def test_global_batches_do_not_depend_on_the_world_size(small_prepared, world_si
     assert many == one
 
 
-def test_two_ranks_visit_every_chunk_of_an_epoch_exactly_once(small_prepared):
+def test_two_ranks_visit_every_chunk_of_an_epoch_exactly_once(small_prepared, monkeypatch):
     cfg = data_config()
+    built_by: dict[int, list[int]] = defaultdict(list)  # by ChunkSource
+    build = ChunkSource.build
+
+    def recording(source, chunk, epoch):
+        built_by[id(source)].append(chunk.index)
+        return build(source, chunk, epoch)
+
+    monkeypatch.setattr(ChunkSource, "build", recording)  # first chunks start with the epoch
     streams, plan = make_streams(small_prepared, cfg, 2)
-    built: list[list[int]] = [[], []]
-    for rank, stream in enumerate(streams):
-        build = stream.source.build
-
-        def recording(chunk, epoch, build=build, seen=built[rank]):
-            seen.append(chunk.index)
-            return build(chunk, epoch)
-
-        stream.source.build = recording
+    built = [built_by[id(stream.source)] for stream in streams]
     examples = 0
     for step in range(plan.num_steps):
         sizes = [len(stream.next_batch()) for stream in streams]
@@ -122,6 +125,48 @@ def test_two_ranks_visit_every_chunk_of_an_epoch_exactly_once(small_prepared):
     for stream in streams:
         assert len(stream.next_batch()) == 0  # the streams are spent
         stream.close()
+
+
+def two_epochs_as_the_trainer_reads_them(corpus, cfg: DataConfig, workers: int,
+                                         background: bool):
+    """Every batch of epochs 0 and 1 (epoch 1 prefetched after epoch 0's first batch, as the
+    trainer does), and the time spans of chunk builds and of the "steps" between batches."""
+    builder = ExampleBuilder(corpus.vocab, cfg, CPU)
+    stream = RankStream(corpus, builder, cfg, 0, BATCH, 1, 0, lambda t: t, workers, background)
+    builds, steps, batches = [], [], []
+    build = stream.source.build
+
+    def timed(chunk, epoch):
+        began = time.perf_counter()
+        built = build(chunk, epoch)
+        time.sleep(0.002)  # long enough to be caught beside a step that would overlap it
+        builds.append((began, time.perf_counter()))
+        return built
+
+    stream.source.build = timed
+    for epoch in range(2):
+        plan = stream.start_epoch(epoch)
+        for step in range(plan.num_steps):
+            batches.append(rows(stream.next_batch()))
+            if epoch == 0 and step == 0:
+                stream.prefetch(1)
+            began = time.perf_counter()
+            time.sleep(0.001)  # the step
+            steps.append((began, time.perf_counter()))
+    stream.close()
+    return batches, builds, steps
+
+
+def test_chunks_built_between_steps_on_several_threads_give_the_same_batches(small_prepared):
+    """Where the step takes every core, chunks are built in bursts between steps, on several
+    threads: the same batches as one thread building beside the step, and no build overlaps
+    a step."""
+    cfg = data_config()
+    beside, _, _ = two_epochs_as_the_trainer_reads_them(small_prepared, cfg, 1, True)
+    between, builds, steps = two_epochs_as_the_trainer_reads_them(small_prepared, cfg, 3, False)
+    assert between == beside and len(builds) > 8
+    overlapping = [(b, s) for b in builds for s in steps if b[0] < s[1] and s[0] < b[1]]
+    assert not overlapping
 
 
 def test_a_stream_started_mid_epoch_continues_the_same_batches(small_prepared):

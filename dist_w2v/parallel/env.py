@@ -148,9 +148,28 @@ def set_threads(requested: int, local_world_size: int, device: torch.device) -> 
     "Threads"): one step thread 221k center words/s quiet and 179k with a core busy elsewhere
     (81%); two threads 252k quiet but 90k busy (36%; 157k with OMP_WAIT_POLICY=PASSIVE).
     """
-    share = max(1, usable_cores() // max(1, local_world_size))
+    share = core_share(local_world_size)
     threads = requested or (max(1, share - 1) if device.type == "cpu" else share)
     torch.set_num_threads(threads)
+
+
+def core_share(local_world_size: int) -> int:
+    """This process's share of the cores, with ``local_world_size`` processes on the node."""
+    return max(1, usable_cores() // max(1, local_world_size))
+
+
+def chunk_builders(env: DistEnv) -> tuple[int, bool]:
+    """(threads, in background) for building chunks of examples (data/stream.py).
+
+    On CUDA, and on CPU where the step leaves a core of this process's share free, one
+    thread builds the next chunks while the step runs. Where the step's threads take the
+    whole share, a build beside them only slows the step down (its parallel loops wait for
+    their slowest thread), so builds run in bursts, on the whole share, between steps.
+    """
+    share = core_share(env.local_world_size)
+    if env.device.type == "cuda" or torch.get_num_threads() < share:
+        return 1, True
+    return share, False
 
 
 def init_distributed(

@@ -27,7 +27,8 @@ from dist_w2v.errors import UserError
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
-from dist_w2v.parallel.env import DistEnv, all_sum, any_rank, barrier, on_main_rank
+from dist_w2v.parallel.env import (DistEnv, all_sum, any_rank, barrier, chunk_builders,
+                                   on_main_rank)
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
 from dist_w2v.train.optim import build_optimizer, set_learning_rate
@@ -159,8 +160,10 @@ class Trainer:
         self.corpus = corpus
         self.vocab = corpus.vocab
         builder = ExampleBuilder(self.vocab, cfg.data, env.device)
+        workers, background = chunk_builders(env)
         self.stream = RankStream(corpus, builder, cfg.data, cfg.train.seed, cfg.train.batch_size,
-                                 env.world_size, env.rank, lambda t: all_sum(env, t))
+                                 env.world_size, env.rank, lambda t: all_sum(env, t), workers,
+                                 background)
         self.model = init_model(len(self.vocab), cfg, env.device)
         self.optimizer = build_optimizer(cfg.train, self.model)
         warm_up_compiled_kernels(builder, self.model, self.optimizer)
