@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Center words/s of one short training run for train.threads 1 and 2, OMP_WAIT_POLICY at libgomp's
-# default and PASSIVE (dist-w2v's default), on a quiet machine and with one core kept busy by a competing process. Run it on an
-# otherwise idle machine (it makes its own competing load): the numbers are only worth comparing
-# within one invocation.
+# default (what dist-w2v leaves it at) and PASSIVE, on a quiet machine and with one core kept
+# busy by a competing process. Run it on an otherwise idle machine (it makes its own competing
+# load): the numbers are only worth comparing within one invocation.
 #
 #   benchmarks/threads.sh                         # PTB from $DIST_W2V_DATA, defaults below
 #   REPEATS=5 MAX_SENTENCES=20000 benchmarks/threads.sh train.batch_size=16384

@@ -20,6 +20,7 @@ from dist_w2v.config import DataConfig
 from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.data.stream import ChunkSource, RankStream, check_shards, plan_chunks
 from dist_w2v.errors import UserError
+from dist_w2v.parallel import env
 
 CPU = torch.device("cpu")
 BATCH = 96
@@ -201,3 +202,20 @@ def test_the_tail_of_an_epoch_has_smaller_global_batches(small_prepared):
 def test_divisibility_is_checked_first(shards, batch, world_size, message):
     with pytest.raises(UserError, match=message):
         check_shards(DataConfig(shards=shards), batch, world_size)
+
+
+def test_chunks_are_built_beside_the_step_only_where_it_leaves_a_core(monkeypatch):
+    """A 4-core share: 3 step threads leave the builder a core (one thread, beside the step);
+    4 take them all (builds between steps, on 4 threads); on CUDA always beside."""
+    monkeypatch.setattr(env, "usable_cores", lambda: 4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert env.chunk_builders(env.DistEnv()) == (1, True)
+        torch.set_num_threads(4)
+        assert env.chunk_builders(env.DistEnv()) == (4, False)
+        assert env.chunk_builders(env.DistEnv(device=torch.device("cuda"))) == (1, True)
+        torch.set_num_threads(2)  # two ranks on the node: a share of 2 each
+        assert env.chunk_builders(env.DistEnv(local_world_size=2)) == (2, False)
+    finally:
+        torch.set_num_threads(threads)

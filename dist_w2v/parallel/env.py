@@ -145,8 +145,8 @@ def set_threads(requested: int, local_world_size: int, device: torch.device) -> 
     run far slower), less one on CPU, where the chunk builder thread works beside the step.
 
     Measured on the 2-core dev machine (configs/ptb-fast.yaml; benchmarks/throughput.md,
-    "Threads"): one step thread 221k center words/s quiet and 179k with a core busy elsewhere
-    (81%); two threads 252k quiet but 90k busy (36%; 157k with OMP_WAIT_POLICY=PASSIVE).
+    "Threads"): one step thread 509k center words/s quiet and 485k with a core busy elsewhere
+    (95%); two threads 768k quiet but 262k busy (34%; 457k with OMP_WAIT_POLICY=PASSIVE).
     """
     share = core_share(local_world_size)
     threads = requested or (max(1, share - 1) if device.type == "cpu" else share)

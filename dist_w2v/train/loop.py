@@ -27,8 +27,7 @@ from dist_w2v.errors import UserError
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
-from dist_w2v.parallel.env import (DistEnv, all_sum, any_rank, barrier, chunk_builders,
-                                   on_main_rank)
+from dist_w2v.parallel.env import DistEnv, all_sum, any_rank, barrier, chunk_builders, on_main_rank
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
 from dist_w2v.train.optim import build_optimizer, set_learning_rate
