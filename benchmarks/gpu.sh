@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check in one call: the CUDA tests, then our trainer on the GPU at a few batch sizes
-# (PTB, 5 epochs, WordSim353 after every epoch), gensim on all the machine's cores, NCCL world
-# size 1 through the all-gather hook, the padded path with and without torch.compile, and a
-# per-phase step profile. Everything lands in OUTDIR; a summary is printed last.
+# (PTB, 5 epochs, WordSim353 after every epoch; the static kernel, CUDA's default), gensim on all
+# the machine's cores, NCCL world size 1 through the all-gather hook, a per-phase step profile
+# of the static and index kernels, the index kernel's trainer, and the padded path with and
+# without torch.compile. Everything lands in OUTDIR; a summary is printed last.
 #
 #   benchmarks/gpu.sh OUTDIR            (or: OUT=OUTDIR benchmarks/gpu.sh)
 #
@@ -138,7 +139,9 @@ done
 bench bench_nccl_allgather_b16384 90 --batch-size 16384 --lr "$(lr_for 16384)" --epochs 2 \
   --torchrun --exchange allgather --skip-gensim
 step step_profile 90 "$PY" benchmarks/step_profile.py --device cuda --batch-sizes 4096 65536 \
-  --optimizers adam sgd --rounds 3 --steps 5
+  --optimizers sgd rowwise_adagrad --kernels static index --rounds 3 --steps 5
+bench bench_index_b16384 90 --batch-size 16384 --lr "$(lr_for 16384)" --epochs 2 \
+  --skip-gensim train.kernel=index
 bench bench_padded_b16384 90 --batch-size 16384 --lr "$(lr_for 16384)" --epochs 2 \
   --path padded --skip-gensim
 if [ "$COMPILE" = 1 ]; then

@@ -26,6 +26,7 @@ from dist_w2v.data.examples import ChunkExamples, ExampleBuilder
 from dist_w2v.data.prepared import load_prepared
 from dist_w2v.data.sources import prepared_dir_for
 from dist_w2v.data.stream import ChunkSource, whole_corpus
+from dist_w2v.model.fast_path import resolve_kernel
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.parallel.env import user_dirs
 from dist_w2v.train.optim import build_optimizer
@@ -37,6 +38,7 @@ DEFAULT_LR = {"adam": 0.002, "sparse_adam": 0.002, "sgd": 0.025, "rowwise_adagra
 @dataclass
 class Setup:
     path: str
+    kernel: str
     batch_size: int
     optimizer_name: str
     model: SkipGram
@@ -46,17 +48,21 @@ class Setup:
 
     @property
     def label(self) -> str:
-        return f"{self.path:6s} B={self.batch_size:<6d} {self.optimizer_name}"
+        name = self.path if self.path == "padded" else f"{self.path} {self.kernel}"
+        return f"{name:12s} B={self.batch_size:<6d} {self.optimizer_name}"
 
 
-def make_setup(path: str, batch_size: int, optimizer_name: str, vocab_size: int, dim: int,
-               device: torch.device) -> Setup:
+def make_setup(path: str, kernel: str, batch_size: int, optimizer_name: str, vocab_size: int,
+               dim: int, device: torch.device) -> Setup:
     overrides = [f"train.optimizer={optimizer_name}", f"train.lr={DEFAULT_LR[optimizer_name]}"]
     cfg = load_config(None, overrides)
-    model = SkipGram(vocab_size, dim, path)
+    kernel = resolve_kernel(kernel, device)
+    model = SkipGram(vocab_size, dim, path, kernel)
     model.reset_parameters(torch.Generator().manual_seed(0))
     model.to(device)
-    return Setup(path, batch_size, optimizer_name, model, build_optimizer(cfg.train, model))
+    fixed_shapes = path == "fast" and kernel == "static"
+    return Setup(path, kernel, batch_size, optimizer_name, model,
+                 build_optimizer(cfg.train, model, fixed_shapes))
 
 
 def sync(device: torch.device) -> None:
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--optimizers", nargs="+", default=["sparse_adam", "sgd"])
     parser.add_argument("--paths", nargs="+", default=["padded", "fast"])
+    parser.add_argument("--kernels", nargs="+", default=["auto"],
+                        help="the fast path's kernels (train.kernel): auto, fused, csr, index, "
+                        "static")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and setup")
     parser.add_argument("--threads", type=int, default=2)
@@ -133,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     sync(device)
     build_ms = (time.perf_counter() - started) * 1e3
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).to(device)
-    setups = [make_setup(p, b, o, len(vocab), cfg.model.dim, device)
-              for b, o, p in itertools.product(args.batch_sizes, args.optimizers, args.paths)]
+    combos = itertools.product(args.batch_sizes, args.optimizers, args.paths, args.kernels)
+    setups = [make_setup(p, k, b, o, len(vocab), cfg.model.dim, device)
+              for b, o, p, k in combos if p == "fast" or k == args.kernels[0]]
     for setup in setups:  # warm-up: first-call allocations and lazy optimizer state
         time_steps(setup, examples, order, 2, 0.0, device)
     for _ in range(args.rounds):

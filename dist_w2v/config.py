@@ -93,6 +93,7 @@ OPTIMIZERS = ("adam", "sparse_adam", "sgd", "rowwise_adagrad")
 LR_SCHEDULES = ("auto", "constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 PATHS = ("fast", "padded")
+KERNELS = ("fused", "csr", "index", "static")
 
 
 @dataclass
@@ -131,6 +132,9 @@ class TrainConfig:
     path: str = "fast"
     """fast: the loss from the real (center, word) pairs only, with gradients that come out
     coalesced (dist_w2v/fast_path.py); padded: the seed's bmm over all L slots (the reference)."""
+    kernel: str = "auto"
+    """The fast path's kernel: auto (fused on CPU, static on CUDA), fused (CPU only), csr,
+    index, or static (every shape fixed by the batch's: no host sync in the step)."""
     compile: bool = False
     """torch.compile the model (padded path only: Dynamo cannot trace the fast path's kernels)."""
 
@@ -150,6 +154,7 @@ class TrainConfig:
         _require(self.max_row_step >= 0, "train.max_row_step", "must be >= 0 (0 = no cap)")
         _require_choice(self.device, "train.device", DEVICES)
         _require_choice(self.path, "train.path", PATHS)
+        _require_choice(self.kernel, "train.kernel", ("auto", *KERNELS))
         _require(not (self.compile and self.path == "fast"), "train.compile",
                  "works only with train.path=padded (Dynamo cannot trace the fast path's sparse "
                  "kernels, and the fast path is faster than compiled padded anyway); drop "

@@ -29,6 +29,7 @@ from dist_w2v.parallel.exchange import resolve_exchange, wrap_model
 from dist_w2v.train.loop import Trainer
 
 EXCHANGES = ("allreduce", "allgather", "dense")
+FIXED_SHAPE_EXCHANGES = ("allgather", "dense")  # their hooks for the static kernel
 PARAMS = ("center.weight", "context.weight")
 
 
@@ -67,6 +68,14 @@ def single_process(ptb, tmp_path_factory) -> dict[str, torch.Tensor]:
     """The reference: one plain process (no process group) over the same global batches."""
     run_dir = tmp_path_factory.mktemp("single")
     return final_parameters(tiny_trainer(tiny_config(ptb), DistEnv(), run_dir, run_dir / "cache"))
+
+
+@pytest.fixture(scope="module")
+def single_process_static(ptb, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """The same with the static kernel (fixed shapes: every batch padded to its full size)."""
+    run_dir = tmp_path_factory.mktemp("single_static")
+    return final_parameters(tiny_trainer(tiny_config(ptb, "train.kernel=static"), DistEnv(),
+                                         run_dir, run_dir / "cache"))
 
 
 # -- world size 1, in this process ---------------------------------------------------------------
@@ -161,6 +170,11 @@ def two_rank_worker(rank: int, ptb: str, workdir: str) -> None:
             cfg = tiny_config(Path(ptb), f"dist.grad_exchange={exchange}")
             trainer = tiny_trainer(cfg, env, workdir_path / exchange, workdir_path / "cache")
             results[f"params/{exchange}"] = final_parameters(trainer)
+        for exchange in FIXED_SHAPE_EXCHANGES:
+            cfg = tiny_config(Path(ptb), f"dist.grad_exchange={exchange}", "train.kernel=static")
+            static = tiny_trainer(cfg, env, workdir_path / f"static-{exchange}",
+                                  workdir_path / "cache")
+            results[f"params/static-{exchange}"] = final_parameters(static)
         results["grads"] = exchanged_gradients(trainer, env)
         for name, setting in (("batch_size_error", "train.batch_size=129"),
                               ("shards_error", "data.shards=3")):
@@ -207,6 +221,17 @@ def test_two_ranks_equal_one_process_over_the_same_global_batches(two_ranks, sin
     for name in PARAMS:
         assert not torch.equal(params[name], torch.zeros_like(params[name]))
         torch.testing.assert_close(params[name], single_process[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("exchange", FIXED_SHAPE_EXCHANGES)
+def test_two_static_kernel_ranks_equal_one_static_process(two_ranks, single_process_static,
+                                                          exchange):
+    """The fixed-shape hooks: rows gathered with repeats (and dense rows marked as padding)
+    train like one process, also over the epochs' short tail batches, padded on every rank."""
+    rank0, rank1 = (r[f"params/static-{exchange}"] for r in two_ranks)
+    for name in PARAMS:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between ranks"
+        torch.testing.assert_close(rank0[name], single_process_static[name], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -1,8 +1,8 @@
 """CUDA checks, skipped on machines without a GPU (benchmarks/gpu.sh runs them on one):
 
-* the fast path equals the padded reference on CUDA, for the kernel CUDA uses;
-* the training step reads nothing back from the device except the row counts that a sparse
-  gradient's shape needs (inside fast_path.py);
+* the fast path equals the padded reference on CUDA, for the static (default) and index kernels;
+* the static kernel's training step (forward, backward, NCCL exchange at world size 1 through
+  the fixed-shape hooks, the optimizer) runs under set_sync_debug_mode("error");
 * chunks built on the background thread's side stream train like chunks built inline;
 * one PTB epoch through NCCL (world size 1, the all-gather hook) trains like gloo and like a
   plain process.
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
-from collections import Counter
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import REPO, cli_env, one_chunk_examples, prepare
 
 from dist_w2v.config import load_config
@@ -25,7 +24,8 @@ from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.model.fast_path import fast_skip_gram_loss
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.metrics import read_metrics
-from dist_w2v.parallel.env import DistEnv
+from dist_w2v.parallel.env import DistEnv, distributed
+from dist_w2v.parallel.exchange import wrap_model
 from dist_w2v.train.loop import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -66,9 +66,10 @@ def assert_equal_steps(reference, fast) -> None:
         torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense(), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", ["static", "index"])
 @pytest.mark.parametrize("size", [4096, 65536])
-def test_fast_equals_padded_on_cuda(cuda_epoch, size):
-    assert_equal_steps(*reference_and_fast(cuda_epoch, size, "index"))
+def test_fast_equals_padded_on_cuda(cuda_epoch, size, kernel):
+    assert_equal_steps(*reference_and_fast(cuda_epoch, size, kernel))
 
 
 @pytest.mark.xfail(strict=False, reason="cuSPARSE may assume sorted, distinct columns per row; "
@@ -77,46 +78,50 @@ def test_csr_kernel_on_cuda(cuda_epoch):
     assert_equal_steps(*reference_and_fast(cuda_epoch, 4096, "csr"))
 
 
-def sync_sites(trainer: Trainer, steps: int) -> Counter:
-    """Python lines that made the device synchronize during ``steps`` real training steps."""
+def steps_under_sync_error_mode(trainer: Trainer, module: torch.nn.Module, steps: int) -> None:
+    """``steps`` real training steps with any host sync raising, after two warm-up steps
+    (the optimizers' lazy state; DDP rebuilds its buckets after its first iteration)."""
     plan = trainer.stream.start_epoch(0)
-    batches = [trainer.stream.next_batch() for _ in range(steps + 1)]
-    model = trainer.model
-    trainer.train_step(model, batches[0], plan, 0)  # warm-up: lazy optimizer state
-    trainer.state.step += 1
+    batches = [trainer.stream.next_batch() for _ in range(steps + 2)]
+    trainer.stream.close()  # no chunk build (which may sync) runs beside the checked steps
+    for batch in batches[:2]:
+        trainer.train_step(module, batch, plan, 0)
     torch.cuda.synchronize()
-    sites: Counter = Counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            for batch in batches[1:]:
-                trainer.train_step(model, batch, plan, 0)
-                trainer.state.step += 1
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for w in caught:
-        if "synchroniz" in str(w.message):
-            sites[f"{w.filename.rsplit('/', 2)[-1]}:{w.lineno}"] += 1
-    return sites
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[2:]:
+            trainer.train_step(module, batch, plan, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "sgd", "sparse_adam"])
-def test_the_step_syncs_only_for_sparse_row_counts(ptb, tmp_path, optimizer):
+@pytest.mark.parametrize("exchange", [None, "allgather", "dense"])
+@pytest.mark.parametrize("optimizer", ["sgd", "sgd train.lr=100 train.max_row_step=0.2",
+                                       "rowwise_adagrad", "adam"])
+def test_the_static_step_never_syncs(ptb, tmp_path, optimizer, exchange):
+    """Forward, backward, the exchange (NCCL at world size 1, through the fixed-shape hooks)
+    and the optimizer, under set_sync_debug_mode("error"), at B=16384 and the CUDA default
+    kernel (static). SparseAdam is left out: torch's coalesces its gradient."""
+    name, *extra = optimizer.split()
     cfg = load_config(None, [f"data.dir={ptb}", "train.device=cuda", "train.batch_size=16384",
-                             f"train.optimizer={optimizer}", "eval.every_epochs=0"])
-    trainer = Trainer(cfg, DistEnv(device=CUDA), tmp_path, prepare(cfg.data, tmp_path / "cache"))
-    steps = 10
-    sites = sync_sites(trainer, steps)
-    print(f"{optimizer}: host syncs over {steps} steps: {dict(sites)}")
-    in_fast_path = sum(n for site, n in sites.items() if site.startswith("fast_path.py"))
-    elsewhere = {site: n for site, n in sites.items() if not site.startswith("fast_path.py")}
-    # The pairs' count and each table's unique-row count: the sparse tensors' shapes.
-    assert in_fast_path <= 3 * steps
-    if optimizer != "sparse_adam":  # SparseAdam coalesces again: .grad loses the flag
-        # A one-off sync (torch.optim's first step) is fine; one in every step is not.
-        per_step = {site: n for site, n in elsewhere.items() if n >= steps // 2}
-        assert not per_step, f"per-step host syncs outside the fast path: {per_step}"
+                             f"train.optimizer={name}", *extra, "eval.every_epochs=0",
+                             "dist.backend=nccl", f"dist.grad_exchange={exchange or 'auto'}"])
+    corpus = prepare(cfg.data, tmp_path / "cache")
+
+    def run(env: DistEnv) -> None:
+        trainer = Trainer(cfg, env, tmp_path / "run", corpus)
+        assert trainer.model.kernel == "static" and trainer.fixed_shapes
+        module = wrap_model(trainer.model, env, cfg.dist.grad_exchange, trainer.exchange_shape(),
+                            trainer.fixed_shapes)
+        steps_under_sync_error_mode(trainer, module, steps=10)
+
+    if exchange is None:
+        run(DistEnv(device=CUDA))
+        return
+    with distributed(cfg, {}, store=dist.FileStore(str(tmp_path / "store"), 1)) as env:
+        assert env.backend == "nccl" and env.world_size == 1
+        run(env)
 
 
 def train_one_epoch(tmp_path, name: str, *overrides: str, nproc: int = 1) -> dict:

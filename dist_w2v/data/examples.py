@@ -67,6 +67,24 @@ class Batch:
     def __len__(self) -> int:
         return int(self.centers.shape[0])
 
+    def padded_to(self, size: int) -> Batch:
+        """The batch with examples that score nothing (center 0, no contexts) appended up to
+        ``size`` rows: one shape for every step and every rank, the static kernel's input. The
+        padded reference path would divide by their zero pair count; only the static kernel
+        takes them."""
+        missing = size - len(self)
+        if missing < 0:
+            raise ValueError(f"a batch of {len(self)} examples cannot be padded to {size}")
+        if missing == 0:
+            return self
+        return Batch(
+            centers=torch.cat([self.centers, self.centers.new_zeros(missing)]),
+            contexts_negatives=torch.cat([self.contexts_negatives, self.contexts_negatives
+                                          .new_zeros((missing, self.contexts_negatives.shape[1]))]),
+            num_contexts=torch.cat([self.num_contexts, self.num_contexts.new_zeros(missing)]),
+            num_negatives=self.num_negatives,
+        )
+
     def mask_and_label(self) -> tuple[torch.Tensor, torch.Tensor]:
         width = self.contexts_negatives.shape[1]
         return mask_and_label(self.num_contexts, width, self.num_negatives)

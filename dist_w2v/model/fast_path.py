@@ -20,8 +20,10 @@ over the two embedding weights:
 
 Kernels (``kernel=``): ``fused`` (the CPU default: model/fused_cpu.py, word2vec's inner loop
 compiled by numba, about twice the speed of ``csr`` per step), ``csr`` (the tensor version
-above, on CPU) and ``index`` (the gathers, the CUDA default). All three compute the same loss and
-gradients; tests/test_fast_path.py holds each to the padded reference.
+above, on CPU), ``index`` (the gathers) and ``static`` (the CUDA default:
+model/static_kernel.py, the padded slots masked, every shape fixed by the batch's, no host
+sync). All four compute the same loss and gradients; tests/test_fast_path.py holds each to the
+padded reference.
 
 The loss is the reference's, per example: the mean of the sigmoid BCE over the example's real
 slots. Per-example weights the caller applies (the trainer's W / global batch) arrive as
@@ -30,9 +32,9 @@ slots. Per-example weights the caller applies (the trainer's W / global batch) a
 Why the kernels differ by device: cuSPARSE assumes CSR rows with sorted, distinct columns,
 while a center's words repeat (a context twice in a window, a frequent negative drawn twice);
 the CPU kernels simply add repeats (tests/test_fast_path.py holds both kernels to the
-reference). Host syncs: a sparse tensor's row count is a host-side shape, so listing the real
-pairs and each table's unique rows costs one implicit sync each (``nonzero``); nothing else here
-reads device values back.
+reference). Host syncs (``csr``, ``index``): a sparse tensor's row count is a host-side shape, so
+listing the real pairs and each table's unique rows costs one implicit sync each (``nonzero``);
+nothing else here reads device values back. ``static`` pads those lists to bounds instead.
 """
 
 from __future__ import annotations
@@ -44,15 +46,15 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from dist_w2v.config import KERNELS
+from dist_w2v.errors import UserError
+from dist_w2v.model.static_kernel import StaticSkipGramLoss
+from dist_w2v.model.static_rows import SORT_BELOW_IDS_PER_ROW
+
 # The CSR kernels are stable for the operations used here; the beta notice would print once per
 # process (every rank) and says nothing actionable.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-KERNELS = ("fused", "csr", "index")
-
-# Below this many ids per table row, torch.unique (a sort of the ids) beats flagging them in a
-# table-sized vector: a huge vocabulary and a small batch.
-SORT_BELOW_IDS_PER_ROW = 1 / 8
 
 
 @dataclass
@@ -205,7 +207,17 @@ class SkipGramLoss(torch.autograd.Function):
 
 
 def default_kernel(device: torch.device) -> str:
-    return "fused" if device.type == "cpu" else "index"
+    return "fused" if device.type == "cpu" else "static"
+
+
+def resolve_kernel(requested: str, device: torch.device) -> str:
+    """``train.kernel`` for tables on ``device``: auto picks the default, fused needs a CPU."""
+    if requested == "auto":
+        return default_kernel(device)
+    if requested == "fused" and device.type != "cpu":
+        raise UserError(f"train.kernel=fused runs on CPU tables only, and training is on "
+                        f"{device.type}; use train.kernel=auto (static on GPUs) or index")
+    return requested
 
 
 def fast_skip_gram_loss(center_weight: torch.Tensor, context_weight: torch.Tensor,
@@ -223,5 +235,8 @@ def fast_skip_gram_loss(center_weight: torch.Tensor, context_weight: torch.Tenso
 
         return FusedSkipGramLoss.apply(center_weight, context_weight, centers,
                                        contexts_negatives, num_contexts, num_negatives)
+    if kernel == "static":
+        return StaticSkipGramLoss.apply(center_weight, context_weight, centers,
+                                        contexts_negatives, num_contexts, num_negatives)
     return SkipGramLoss.apply(center_weight, context_weight, centers, contexts_negatives,
                               num_contexts, num_negatives, kernel)

@@ -30,12 +30,15 @@ class SkipGram(nn.Module):
     """Center (v) and context (u) tables with sparse gradients; ``center`` is the word vector.
 
     ``path`` picks how a batch is computed: ``padded`` is the seed's bmm over all L slots (the
-    reference), ``fast`` the same per-example loss from the real pairs only (fast_path.py).
+    reference), ``fast`` the same per-example loss from the real pairs only (fast_path.py), with
+    ``kernel`` (None: the device's default).
     """
 
-    def __init__(self, vocab_size: int, dim: int, path: str = "padded"):
+    def __init__(self, vocab_size: int, dim: int, path: str = "padded",
+                 kernel: str | None = None):
         super().__init__()
         self.path = path
+        self.kernel = kernel
         self.center = nn.Embedding(vocab_size, dim, sparse=True)
         self.context = nn.Embedding(vocab_size, dim, sparse=True)
 
@@ -46,7 +49,8 @@ class SkipGram(nn.Module):
     def warm_up(self) -> None:
         """Load (the first time on a machine: compile) the fused CPU kernel before training's
         clock starts: one loss and gradient on copies of three rows, the tables untouched."""
-        if self.path != "fast" or self.center.weight.device.type != "cpu":
+        on_cpu = self.center.weight.device.type == "cpu"
+        if self.path != "fast" or self.kernel not in (None, "fused") or not on_cpu:
             return
         center, context = (t.weight[:3].detach().clone().requires_grad_()
                            for t in (self.center, self.context))
@@ -61,7 +65,8 @@ class SkipGram(nn.Module):
         """Per-example loss (B,) of a padded batch; the caller reduces it."""
         if self.path == "fast":
             return fast_skip_gram_loss(self.center.weight, self.context.weight, centers,
-                                       contexts_negatives, num_contexts, num_negatives)
+                                       contexts_negatives, num_contexts, num_negatives,
+                                       self.kernel)
         pred = skip_gram(centers.unsqueeze(1), contexts_negatives, self.center, self.context)
         mask, label = mask_and_label(num_contexts, contexts_negatives.shape[1], num_negatives)
         return masked_bce(pred.squeeze(1), label, mask)

@@ -12,6 +12,12 @@
 Every hook returns a Future holding the sparse tensor itself: DDP copies it into ``.grad``, so
 the tables keep sparse gradients and the optimizer sees exactly what allreduce would give.
 DDP does not divide by the world size when a hook is registered; the hooks do.
+
+With the static kernel (``fixed_shapes``) every rank's gradient lists the same number of rows
+(its batch padded to batch_size / W, model/static_rows.py), so the all-gather sends no counts
+first and the dense exchange marks untouched rows as padding instead of listing the touched
+ones: neither reads a value back to the host. Their results repeat rows; the optimizers sum
+them at a fixed length.
 """
 
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's
@@ -25,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_w2v.errors import UserError
+from dist_w2v.model.static_rows import PAD_ROW, row_sparse
 from dist_w2v.parallel.env import DistEnv
 
 
@@ -34,13 +41,18 @@ def _done(result: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     return future
 
 
+def _averaged_allreduce(grad: torch.Tensor,
+                        group: dist.ProcessGroup | None) -> torch.futures.Future[torch.Tensor]:
+    return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
+                           async_op=True).get_future().then(lambda f: f.value()[0])
+
+
 def allgather_sparse_hook(
     group: dist.ProcessGroup | None, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
-    if not grad.is_sparse:  # a dense bucket (never for this model): plain averaged allreduce
-        return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
-                               async_op=True).get_future().then(lambda f: f.value()[0])
+    if not grad.is_sparse:  # a dense bucket (never for this model)
+        return _averaged_allreduce(grad, group)
     return _done(allgather_sparse(grad, group))
 
 
@@ -75,8 +87,7 @@ def dense_sparse_hook(
 ) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
     if not grad.is_sparse:
-        return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
-                               async_op=True).get_future().then(lambda f: f.value()[0])
+        return _averaged_allreduce(grad, group)
     return _done(dense_exchange(grad, group))
 
 
@@ -94,6 +105,54 @@ def dense_exchange(grad: torch.Tensor, group: dist.ProcessGroup | None = None) -
     values = buffer.index_select(0, touched)[:, :dim] / world_size
     return torch.sparse_coo_tensor(touched.unsqueeze(0), values, grad.shape, is_coalesced=True,
                                    check_invariants=False)
+
+
+def fixed_allgather_hook(
+    group: dist.ProcessGroup | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    grad = bucket.buffer()
+    if not grad.is_sparse:
+        return _averaged_allreduce(grad, group)
+    return _done(allgather_fixed_rows(grad, group))
+
+
+def allgather_fixed_rows(grad: torch.Tensor,
+                         group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Mean over ranks of sparse row gradients that list the same number of rows on every
+    rank: their rows and values gathered as they are, repeats left for the optimizer."""
+    world_size = dist.get_world_size(group)
+    rows, values = grad._indices()[0], grad._values()
+    gathered_rows = [torch.empty_like(rows) for _ in range(world_size)]
+    gathered_values = [torch.empty_like(values) for _ in range(world_size)]
+    dist.all_gather(gathered_rows, rows, group=group)
+    dist.all_gather(gathered_values, values, group=group)
+    return row_sparse(torch.cat(gathered_rows), torch.cat(gathered_values) / world_size,
+                      grad.shape)
+
+
+def fixed_dense_hook(
+    group: dist.ProcessGroup | None, bucket: dist.GradBucket
+) -> torch.futures.Future[torch.Tensor]:
+    grad = bucket.buffer()
+    if not grad.is_sparse:
+        return _averaged_allreduce(grad, group)
+    return _done(dense_exchange_fixed_rows(grad, group))
+
+
+def dense_exchange_fixed_rows(grad: torch.Tensor,
+                              group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``dense_exchange`` at a fixed length: all V rows come back, an untouched one as a
+    zero-valued PAD_ROW entry (SparseAdam must not see it as a zero gradient of its own row)."""
+    world_size = dist.get_world_size(group)
+    rows, values = grad._indices()[0], grad._values()
+    num_rows, dim = grad.shape
+    buffer = values.new_zeros((num_rows, dim + 1))
+    buffer[:, :dim].index_add_(0, rows, values)
+    buffer[:, dim].index_fill_(0, rows, 1.0)
+    dist.all_reduce(buffer, group=group)
+    every_row = torch.arange(num_rows, device=rows.device)
+    listed = torch.where(buffer[:, dim] > 0, every_row, torch.full_like(every_row, PAD_ROW))
+    return row_sparse(listed, buffer[:, :dim] / world_size, grad.shape)
 
 
 # Above this, a dense exchange is refused: bytes per step of one table as a dense buffer. At
@@ -141,14 +200,16 @@ def resolve_exchange(requested: str, backend: str, shape: ExchangeShape | None =
 
 
 def wrap_model(model: nn.Module, env: DistEnv, exchange: str,
-               shape: ExchangeShape | None = None) -> nn.Module:
-    """DDP-wrap ``model`` with the chosen sparse gradient exchange; unwrapped for one process."""
+               shape: ExchangeShape | None = None, fixed_shapes: bool = False) -> nn.Module:
+    """DDP-wrap ``model`` with the chosen sparse gradient exchange; unwrapped for one process.
+    ``fixed_shapes``: the gradients come from the static kernel, at equal lengths on all ranks."""
     if not env.distributed:
         return model
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     chosen = resolve_exchange(exchange, env.backend or "gloo", shape)
     if chosen == "allgather":
-        ddp.register_comm_hook(None, allgather_sparse_hook)
+        ddp.register_comm_hook(None, fixed_allgather_hook if fixed_shapes
+                               else allgather_sparse_hook)
     elif chosen == "dense":
-        ddp.register_comm_hook(None, dense_sparse_hook)
+        ddp.register_comm_hook(None, fixed_dense_hook if fixed_shapes else dense_sparse_hook)
     return ddp

@@ -24,6 +24,7 @@ from dist_w2v.data.prepared import PreparedCorpus
 from dist_w2v.data.stream import EpochPlan, RankStream
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.model.fast_path import resolve_kernel
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
@@ -61,7 +62,8 @@ class TrainResult:
 
 
 def init_model(vocab_size: int, cfg: Config, device: torch.device) -> SkipGram:
-    model = SkipGram(vocab_size, cfg.model.dim, cfg.train.path)
+    model = SkipGram(vocab_size, cfg.model.dim, cfg.train.path,
+                     resolve_kernel(cfg.train.kernel, device))
     generator = torch.Generator().manual_seed(cfg.train.seed)
     model.reset_parameters(generator)
     return model.to(device)
@@ -164,7 +166,7 @@ class Trainer:
                                  env.world_size, env.rank, lambda t: all_sum(env, t), workers,
                                  background)
         self.model = init_model(len(self.vocab), cfg, env.device)
-        self.optimizer = build_optimizer(cfg.train, self.model)
+        self.optimizer = build_optimizer(cfg.train, self.model, self.fixed_shapes)
         warm_up_compiled_kernels(builder, self.model, self.optimizer)
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, env, say=self.log.info)
         self.state = TrainState()
@@ -188,7 +190,8 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        ddp = wrap_model(self.model, self.env, self.cfg.dist.grad_exchange, self.exchange_shape())
+        ddp = wrap_model(self.model, self.env, self.cfg.dist.grad_exchange, self.exchange_shape(),
+                         self.fixed_shapes)
         if self.cfg.train.compile:
             ddp = torch.compile(ddp)
         stopped = False
@@ -204,10 +207,18 @@ class Trainer:
             on_main_rank(self.env, lambda: save_outputs(self.run_dir, self.embeddings()))
         return TrainResult(self.state, stopped, self.model)
 
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether every step has the same shapes (the static kernel): batches are padded to
+        this rank's full share and nothing in the step reads a device value back."""
+        return self.model.path == "fast" and self.model.kernel == "static"
+
     def exchange_shape(self) -> ExchangeShape:
         data = self.cfg.data
-        # A center and its pairs: about (max_window + 1) contexts, each with K negatives.
-        rows_per_example = 1 + (data.max_window + 1) * (1 + data.num_negatives)
+        if self.fixed_shapes:  # every slot's word is listed: L = 2·max_window·(1 + K)
+            rows_per_example = 1 + 2 * data.max_window * (1 + data.num_negatives)
+        else:  # a center and its pairs: about (max_window + 1) contexts, each with K negatives
+            rows_per_example = 1 + (data.max_window + 1) * (1 + data.num_negatives)
         per_rank = self.cfg.train.batch_size // self.env.world_size
         return ExchangeShape(len(self.vocab), self.cfg.model.dim, per_rank * rows_per_example,
                              self.env.world_size)
@@ -272,6 +283,8 @@ class Trainer:
         step = self.state.step
         progress = (epoch + step / plan.num_steps) / self.cfg.train.epochs
         set_learning_rate(self.optimizer, self.cfg.train, progress)
+        if self.fixed_shapes:
+            batch = batch.padded_to(self.cfg.train.batch_size // self.env.world_size)
         per_example = ddp(batch.centers, batch.contexts_negatives, batch.num_contexts,
                           batch.num_negatives)
         # Sum scaled by W / global batch: DDP's mean over ranks then equals the global batch's

@@ -8,6 +8,7 @@ from torch import nn
 
 from dist_w2v.config import TrainConfig
 from dist_w2v.errors import UserError
+from dist_w2v.model.static_rows import sum_duplicate_rows
 
 
 class DenseMomentAdam(torch.optim.Adam):
@@ -25,8 +26,11 @@ class DenseMomentAdam(torch.optim.Adam):
     def step(self, closure=None):  # type: ignore[override]
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is not None and param.grad.is_sparse:
-                    param.grad = param.grad.to_dense()
+                grad = param.grad
+                if grad is not None and grad.is_sparse:
+                    # Repeated rows add up, as to_dense() would sum them, without coalescing.
+                    param.grad = torch.zeros_like(param).index_add_(0, grad._indices()[0],
+                                                                    grad._values())
         return super().step(closure)
 
 
@@ -38,7 +42,16 @@ DENSE_ADAM_LIMIT = 10_000_000
 
 
 class RowOptimizer(torch.optim.Optimizer):
-    """An update applied table by table to the rows a gradient touches (``_update``)."""
+    """An update applied table by table to the rows a gradient touches (``_update``).
+
+    ``fixed_shapes``: the gradients come from the static kernel (model/static_kernel.py), rows
+    listed at a fixed length with repeats; they are summed at that length instead of
+    coalesced, whose row count would cost a host sync per table and step on a GPU.
+    """
+
+    def __init__(self, params, defaults: dict, fixed_shapes: bool = False):
+        super().__init__(params, defaults)
+        self.fixed_shapes = fixed_shapes
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -54,6 +67,31 @@ class RowOptimizer(torch.optim.Optimizer):
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
+
+    def row_gradient(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The touched rows and their gradient rows, each row once (plus, with fixed shapes,
+        zero-valued padding entries)."""
+        grad = param.grad
+        if self.fixed_shapes and grad.is_sparse:
+            return sum_duplicate_rows(grad._indices()[0], grad._values())
+        return _row_gradient(param)
+
+
+class RowSGD(RowOptimizer):
+    """Plain SGD on the listed rows, repeated rows added as they come: nothing to coalesce, so
+    every kernel's gradients (and the padded path's B·L rows) take one ``index_add_``."""
+
+    def __init__(self, params, lr: float):
+        if lr <= 0:
+            raise ValueError("RowSGD needs lr > 0")
+        super().__init__(params, {"lr": lr})
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        grad = param.grad
+        if grad.is_sparse:
+            param.index_add_(0, grad._indices()[0], grad._values(), alpha=-group["lr"])
+        else:
+            param.add_(grad, alpha=-group["lr"])
 
 
 class RowwiseAdagrad(RowOptimizer):
@@ -74,16 +112,20 @@ class RowwiseAdagrad(RowOptimizer):
     compiled = True
 
     def __init__(self, params, lr: float = 0.1, eps: float = 1e-8,
-                 initial_accumulator: float = 0.0):
+                 initial_accumulator: float = 0.0, fixed_shapes: bool = False):
         if lr <= 0 or eps <= 0 or initial_accumulator < 0:
             raise ValueError("RowwiseAdagrad needs lr > 0, eps > 0 and initial_accumulator >= 0")
-        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator": initial_accumulator})
+        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator": initial_accumulator},
+                         fixed_shapes)
+
+    def runs_compiled(self, param: torch.Tensor) -> bool:
+        return param.device.type == "cpu" and self.compiled and not self.fixed_shapes
 
     def warm_up(self) -> None:
         """Load (the first time on a machine: compile) the CPU kernel on scratch rows."""
         for group in self.param_groups:
             for param in group["params"]:
-                if param.device.type == "cpu" and self.compiled:
+                if self.runs_compiled(param):
                     from dist_w2v.train.compiled_updates import rowwise_adagrad
 
                     rows = np.zeros((1, param.shape[1]), dtype=param.detach().numpy().dtype)
@@ -97,9 +139,9 @@ class RowwiseAdagrad(RowOptimizer):
             state["sum"] = torch.full((param.shape[0],), float(group["initial_accumulator"]),
                                       dtype=param.dtype, device=param.device)
         state["step"] += 1
-        rows, values = _row_gradient(param)
+        rows, values = self.row_gradient(param)
         accumulator = state["sum"]
-        if param.device.type == "cpu" and self.compiled:
+        if self.runs_compiled(param):
             from dist_w2v.train.compiled_updates import rowwise_adagrad  # numba: when used
 
             rowwise_adagrad(param.detach().numpy(), accumulator.numpy(), rows.numpy(),
@@ -119,13 +161,13 @@ class RowCappedSGD(RowOptimizer):
     most ``max_row_step``. Stateless and lazy: O(touched rows x D) per step.
     """
 
-    def __init__(self, params, lr: float, max_row_step: float):
+    def __init__(self, params, lr: float, max_row_step: float, fixed_shapes: bool = False):
         if lr <= 0 or max_row_step <= 0:
             raise ValueError("RowCappedSGD needs lr > 0 and max_row_step > 0")
-        super().__init__(params, {"lr": lr, "max_row_step": max_row_step})
+        super().__init__(params, {"lr": lr, "max_row_step": max_row_step}, fixed_shapes)
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
-        rows, values = _row_gradient(param)
+        rows, values = self.row_gradient(param)
         steps = values * group["lr"]
         norms = steps.norm(dim=1, keepdim=True)
         scale = (group["max_row_step"] / norms.clamp_min(1e-30)).clamp_max_(1.0)
@@ -150,11 +192,14 @@ def _row_gradient(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(param.shape[0], device=param.device), grad
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: nn.Module,
+                    fixed_shapes: bool = False) -> torch.optim.Optimizer:
     """adam (dense moments, as the seed), sparse_adam (lazy: only touched rows), plain SGD, or
     rowwise_adagrad (lazy: touched rows only, one accumulator per row).
 
-    All four take the sparse gradients that the embedding tables produce and DDP exchanges.
+    All four take the sparse gradients that the embedding tables produce and DDP exchanges;
+    ``fixed_shapes``: the static kernel's, rows at a fixed length with repeats (RowOptimizer).
+    SparseAdam coalesces them (a host sync per table on a GPU); the others never do.
     """
     params = list(model.parameters())
     largest = max(p.numel() for p in params)
@@ -170,10 +215,11 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
         return torch.optim.SparseAdam(params, lr=cfg.lr)
     if cfg.optimizer == "rowwise_adagrad":
         return RowwiseAdagrad(params, lr=cfg.lr, eps=cfg.adagrad_eps,
-                              initial_accumulator=cfg.adagrad_init)
+                              initial_accumulator=cfg.adagrad_init, fixed_shapes=fixed_shapes)
     if cfg.max_row_step > 0:
-        return RowCappedSGD(params, lr=cfg.lr, max_row_step=cfg.max_row_step)
-    return torch.optim.SGD(params, lr=cfg.lr)
+        return RowCappedSGD(params, lr=cfg.lr, max_row_step=cfg.max_row_step,
+                            fixed_shapes=fixed_shapes)
+    return RowSGD(params, lr=cfg.lr)
 
 
 def learning_rate(cfg: TrainConfig, progress: float) -> float:
