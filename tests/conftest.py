@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from dist_w2v.config import DataConfig
+from dist_w2v.config import DataConfig, load_config
+from dist_w2v.data.examples import Batch, ExampleBuilder
 from dist_w2v.data.prepared import PreparedCorpus, load_prepared
 from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.parallel.env import UserDirs
@@ -102,3 +104,28 @@ def prepared_ptb(tmp_path_factory: pytest.TempPathFactory, ptb: Path) -> Prepare
 def one_chunk_examples(corpus: PreparedCorpus, builder, seed: int = 0, epoch: int = 0):
     """A whole-corpus chunk's examples, as the trainer's ChunkSource builds them."""
     return ChunkSource(corpus, builder, seed, True).build(whole_corpus(corpus), epoch)[0]
+
+
+@pytest.fixture(scope="session")
+def ptb_epoch(prepared_ptb):
+    """Epoch 0 of full PTB with the seed's settings, and the vocabulary size."""
+    cfg = load_config(None, [])
+    builder = ExampleBuilder(prepared_ptb.vocab, cfg.data, torch.device("cpu"))
+    return one_chunk_examples(prepared_ptb, builder), len(prepared_ptb.vocab)
+
+
+def ptb_batch(ptb_epoch, size: int, seed: int = 0) -> Batch:
+    """``size`` examples of ``ptb_epoch`` drawn at random."""
+    examples, _ = ptb_epoch
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return examples.batch(order[:size])
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as init_distributed sets it for a rank (and restored after): two
+    threads on a busy two-core box run many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,10 +15,10 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import one_chunk_examples, prepare
+from conftest import prepare, ptb_batch
 
 from dist_w2v.config import load_config
-from dist_w2v.data.examples import Batch, ExampleBuilder
+from dist_w2v.data.examples import Batch
 from dist_w2v.errors import UserError
 from dist_w2v.model.fast_path import KERNELS, fast_skip_gram_loss, unique_rows
 from dist_w2v.model.skipgram import SkipGram
@@ -30,30 +30,7 @@ from dist_w2v.train.optim import build_optimizer
 LOSS_TOL = {"rtol": 0.0, "atol": 1e-6}
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-7}
 PARAMS = ("center.weight", "context.weight")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, as init_distributed sets it for a rank (and restored after): two
-    threads on a busy two-core box run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ptb_epoch(prepared_ptb):
-    """Epoch 0 of full PTB with the seed's settings, and the vocabulary size."""
-    cfg = load_config(None, [])
-    builder = ExampleBuilder(prepared_ptb.vocab, cfg.data, torch.device("cpu"))
-    return one_chunk_examples(prepared_ptb, builder), len(prepared_ptb.vocab)
-
-
-def ptb_batch(ptb_epoch, size: int, seed: int = 0) -> Batch:
-    examples, _ = ptb_epoch
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    return examples.batch(order[:size])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_pair(vocab_size: int) -> tuple[SkipGram, SkipGram]:
@@ -101,7 +78,7 @@ def test_fast_equals_padded_on_a_ptb_batch(ptb_epoch, kernel, size):
 def test_the_fused_kernel_on_two_threads_matches_the_reference(ptb_epoch):
     """Two threads: the forward splits the examples, the backward scatters into one partial
     gradient per thread and adds them up; the step must still be the reference's."""
-    torch.set_num_threads(2)  # the autouse fixture restores it
+    torch.set_num_threads(2)  # the one_thread fixture restores it
     batch = ptb_batch(ptb_epoch, 4096, seed=5)
     weights = torch.rand(4096, generator=torch.Generator().manual_seed(6)) / 4096
     padded, fast = model_pair(ptb_epoch[1])

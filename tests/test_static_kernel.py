@@ -15,11 +15,10 @@ from collections import Counter
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import one_chunk_examples, prepare
+from conftest import prepare, ptb_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_w2v.config import load_config
-from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.model.static_rows import PAD_ROW, static_unique_rows, sum_duplicate_rows
 from dist_w2v.parallel.env import DistEnv, distributed
@@ -28,6 +27,7 @@ from dist_w2v.train.loop import Trainer
 from dist_w2v.train.optim import build_optimizer
 
 PARAMS = ("center.weight", "context.weight")
+pytestmark = pytest.mark.usefixtures("one_thread")
 # torch's Adam reads its step counter with .item(), a CPU tensor also when the tables are on a
 # GPU (no sync there, tests/test_gpu.py), but here indistinguishable from a device read.
 ROW_OPTIMIZERS = ["sgd", "sgd train.lr=100 train.max_row_step=0.002", "rowwise_adagrad"]
@@ -56,27 +56,6 @@ class ValueDependentOps(TorchDispatchMode):
 def _bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ptb_epoch(prepared_ptb):
-    cfg = load_config(None, [])
-    builder = ExampleBuilder(prepared_ptb.vocab, cfg.data, torch.device("cpu"))
-    return one_chunk_examples(prepared_ptb, builder), len(prepared_ptb.vocab)
-
-
-def ptb_batch(ptb_epoch, size: int, seed: int = 0):
-    examples, _ = ptb_epoch
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
-    return examples.batch(order[:size])
 
 
 def test_rows_at_a_fixed_length_match_torch_unique_and_coalesce():

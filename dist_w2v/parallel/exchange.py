@@ -23,6 +23,7 @@ them at a fixed length.
 # No ``from __future__ import annotations`` here: DDP's register_comm_hook compares the hook's
 # annotations with the real dist.GradBucket / Future[Tensor] objects and rejects strings.
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,19 +42,20 @@ def _done(result: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
     return future
 
 
-def _averaged_allreduce(grad: torch.Tensor,
-                        group: dist.ProcessGroup | None) -> torch.futures.Future[torch.Tensor]:
-    return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
-                           async_op=True).get_future().then(lambda f: f.value()[0])
+def comm_hook(exchange: Callable[[torch.Tensor, dist.ProcessGroup | None], torch.Tensor]):
+    """A DDP comm hook that hands a sparse bucket to ``exchange`` (a dense bucket, never seen
+    with this model, gets a plain averaged allreduce)."""
 
+    def hook(group: dist.ProcessGroup | None,
+             bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        grad = bucket.buffer()
+        if not grad.is_sparse:
+            return dist.all_reduce(grad.div_(dist.get_world_size(group)), group=group,
+                                   async_op=True).get_future().then(lambda f: f.value()[0])
+        return _done(exchange(grad, group))
 
-def allgather_sparse_hook(
-    group: dist.ProcessGroup | None, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    grad = bucket.buffer()
-    if not grad.is_sparse:  # a dense bucket (never for this model)
-        return _averaged_allreduce(grad, group)
-    return _done(allgather_sparse(grad, group))
+    hook.__name__ = f"{exchange.__name__}_hook"
+    return hook
 
 
 def allgather_sparse(grad: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -82,15 +84,6 @@ def allgather_sparse(grad: torch.Tensor, group: dist.ProcessGroup | None = None)
     return total.coalesce() / world_size
 
 
-def dense_sparse_hook(
-    group: dist.ProcessGroup | None, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    grad = bucket.buffer()
-    if not grad.is_sparse:
-        return _averaged_allreduce(grad, group)
-    return _done(dense_exchange(grad, group))
-
-
 def dense_exchange(grad: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Mean over ranks of sparse row gradients, exchanged as one dense allreduce."""
     world_size = dist.get_world_size(group)
@@ -107,15 +100,6 @@ def dense_exchange(grad: torch.Tensor, group: dist.ProcessGroup | None = None) -
                                    check_invariants=False)
 
 
-def fixed_allgather_hook(
-    group: dist.ProcessGroup | None, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    grad = bucket.buffer()
-    if not grad.is_sparse:
-        return _averaged_allreduce(grad, group)
-    return _done(allgather_fixed_rows(grad, group))
-
-
 def allgather_fixed_rows(grad: torch.Tensor,
                          group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Mean over ranks of sparse row gradients that list the same number of rows on every
@@ -128,15 +112,6 @@ def allgather_fixed_rows(grad: torch.Tensor,
     dist.all_gather(gathered_values, values, group=group)
     return row_sparse(torch.cat(gathered_rows), torch.cat(gathered_values) / world_size,
                       grad.shape)
-
-
-def fixed_dense_hook(
-    group: dist.ProcessGroup | None, bucket: dist.GradBucket
-) -> torch.futures.Future[torch.Tensor]:
-    grad = bucket.buffer()
-    if not grad.is_sparse:
-        return _averaged_allreduce(grad, group)
-    return _done(dense_exchange_fixed_rows(grad, group))
 
 
 def dense_exchange_fixed_rows(grad: torch.Tensor,
@@ -208,8 +183,9 @@ def wrap_model(model: nn.Module, env: DistEnv, exchange: str,
     ddp = DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     chosen = resolve_exchange(exchange, env.backend or "gloo", shape)
     if chosen == "allgather":
-        ddp.register_comm_hook(None, fixed_allgather_hook if fixed_shapes
-                               else allgather_sparse_hook)
+        ddp.register_comm_hook(None, comm_hook(allgather_fixed_rows if fixed_shapes
+                                               else allgather_sparse))
     elif chosen == "dense":
-        ddp.register_comm_hook(None, fixed_dense_hook if fixed_shapes else dense_sparse_hook)
+        ddp.register_comm_hook(None, comm_hook(dense_exchange_fixed_rows if fixed_shapes
+                                               else dense_exchange))
     return ddp
