@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO, cli_env, one_chunk_examples, prepare
+from conftest import REPO, cli_env, one_chunk_examples
 
 from dist_w2v.config import load_config
 from dist_w2v.data.examples import ExampleBuilder
@@ -99,7 +99,7 @@ def steps_under_sync_error_mode(trainer: Trainer, module: torch.nn.Module, steps
 @pytest.mark.parametrize("exchange", [None, "allgather", "dense"])
 @pytest.mark.parametrize("optimizer", ["sgd", "sgd train.lr=100 train.max_row_step=0.2",
                                        "rowwise_adagrad", "adam"])
-def test_the_static_step_never_syncs(ptb, tmp_path, optimizer, exchange):
+def test_the_static_step_never_syncs(ptb, prepared_ptb, tmp_path, optimizer, exchange):
     """Forward, backward, the exchange (NCCL at world size 1, through the fixed-shape hooks)
     and the optimizer, under set_sync_debug_mode("error"), at B=16384 and the CUDA default
     kernel (static). SparseAdam is left out: torch's coalesces its gradient."""
@@ -107,10 +107,9 @@ def test_the_static_step_never_syncs(ptb, tmp_path, optimizer, exchange):
     cfg = load_config(None, [f"data.dir={ptb}", "train.device=cuda", "train.batch_size=16384",
                              f"train.optimizer={name}", *extra, "eval.every_epochs=0",
                              "dist.backend=nccl", f"dist.grad_exchange={exchange or 'auto'}"])
-    corpus = prepare(cfg.data, tmp_path / "cache")
 
     def run(env: DistEnv) -> None:
-        trainer = Trainer(cfg, env, tmp_path / "run", corpus)
+        trainer = Trainer(cfg, env, tmp_path / "run", prepared_ptb)
         assert trainer.model.kernel == "static" and trainer.fixed_shapes
         module = wrap_model(trainer.model, env, cfg.dist.grad_exchange, trainer.exchange_shape(),
                             trainer.fixed_shapes)
