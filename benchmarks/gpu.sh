@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call: the CUDA tests, then our trainer on the GPU at a few batch sizes
-# (PTB, 5 epochs, WordSim353 after every epoch; the static kernel, CUDA's default), gensim on all
+# (ptb-best and ptb-quick eager and as CUDA graphs, then PTB at 3 batch sizes, 5 epochs,
+# WordSim353 after every epoch; the static kernel, CUDA's default), gensim on all
 # the machine's cores, NCCL world size 1 through the all-gather hook, a per-phase step profile
 # of the static and index kernels, the index kernel's trainer, and the padded path with and
 # without torch.compile. Everything lands in OUTDIR; a summary is printed last.
@@ -129,12 +130,16 @@ else
 fi
 
 # -- throughput and quality ----------------------------------------------------------------
-first=1
+# Issue 10's targets first: ptb-best (B=4096, sgd, 20 epochs) and ptb-quick (B=8192, capped
+# sgd, 8 epochs) on the static kernel, eager and captured as a CUDA graph, with time to 0.35.
+bench bench_best_graph 100 --config configs/ptb-best.yaml --ttq "$TTQ" "${GENSIM_FLAG[@]}" \
+  train.cuda_graph=true
+bench bench_best_eager 100 --config configs/ptb-best.yaml --ttq "$TTQ" --skip-gensim
+bench bench_quick_graph 60 --config configs/ptb-quick.yaml --ttq "$TTQ" --skip-gensim \
+  train.cuda_graph=true train.threads=0
 for batch in $BATCHES; do
-  extra=(--skip-gensim)
-  if [ $first = 1 ]; then extra=("${GENSIM_FLAG[@]}"); first=0; fi  # gensim: all cores
   bench "bench_b$batch" 100 --batch-size "$batch" --lr "$(lr_for "$batch")" --epochs "$EPOCHS" \
-    --ttq "$TTQ" "${extra[@]}"
+    --ttq "$TTQ" --skip-gensim
 done
 bench bench_nccl_allgather_b16384 90 --batch-size 16384 --lr "$(lr_for 16384)" --epochs 2 \
   --torchrun --exchange allgather --skip-gensim

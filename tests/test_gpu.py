@@ -3,6 +3,7 @@
 * the fast path equals the padded reference on CUDA, for the static (default) and index kernels;
 * the static kernel's training step (forward, backward, NCCL exchange at world size 1 through
   the fixed-shape hooks, the optimizer) runs under set_sync_debug_mode("error");
+* the step captured as a CUDA graph (train.cuda_graph) trains like the eager one;
 * chunks built on the background thread's side stream train like chunks built inline;
 * one PTB epoch through NCCL (world size 1, the all-gather hook) trains like gloo and like a
   plain process.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -121,6 +123,32 @@ def test_the_static_step_never_syncs(ptb, prepared_ptb, tmp_path, optimizer, exc
     with distributed(cfg, {}, store=dist.FileStore(str(tmp_path / "store"), 1)) as env:
         assert env.backend == "nccl" and env.world_size == 1
         run(env)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd train.lr=3000 train.lr_min=10",
+                                       "rowwise_adagrad train.lr=0.25"])
+def test_a_captured_step_trains_like_the_eager_one(ptb, prepared_ptb, tmp_path, optimizer):
+    """train.cuda_graph: two PTB epochs at B=4096 (warm-up steps eager, then one replay per
+    step, the epochs' tail batches padded) against the eager static step: the same losses and
+    tables up to index_add_'s nondeterministic order of additions."""
+    name, *extra = optimizer.split()
+    runs = []
+    for graph in (False, True):
+        cfg = load_config(None, [f"data.dir={ptb}", "train.device=cuda", "train.batch_size=4096",
+                                 "train.epochs=2", f"train.optimizer={name}", *extra,
+                                 "eval.every_epochs=0", f"train.cuda_graph={str(graph).lower()}"])
+        trainer = Trainer(cfg, DistEnv(device=CUDA), tmp_path / str(graph), prepared_ptb)
+        started = time.perf_counter()
+        trainer.fit()
+        seconds = time.perf_counter() - started
+        if graph:
+            assert trainer.graphed is not None and trainer.graphed.graph is not None
+        losses = [r["loss"] for r in trainer.state.history if r["kind"] == "epoch"]
+        print(f"cuda_graph={graph} {name}: epoch losses {losses}, {seconds:.2f} s")
+        runs.append((losses, trainer.model.center.weight.detach().cpu()))
+    (eager_losses, eager_table), (graph_losses, graph_table) = runs
+    assert graph_losses == pytest.approx(eager_losses, abs=1e-3)
+    assert float((graph_table - eager_table).norm() / eager_table.norm()) < 0.01
 
 
 def train_one_epoch(tmp_path, name: str, *overrides: str, nproc: int = 1) -> dict:

@@ -19,10 +19,13 @@ from conftest import prepare, ptb_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_w2v.config import load_config
+from dist_w2v.data.examples import Batch
+from dist_w2v.errors import UserError
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.model.static_rows import PAD_ROW, static_unique_rows, sum_duplicate_rows
 from dist_w2v.parallel.env import DistEnv, distributed
 from dist_w2v.parallel.exchange import wrap_model
+from dist_w2v.train.graphed import GraphedStep
 from dist_w2v.train.loop import Trainer
 from dist_w2v.train.optim import build_optimizer
 
@@ -200,3 +203,65 @@ def test_a_ptb_slice_trains_the_same_with_the_static_and_fused_kernels(ptb, tmp_
         torch.testing.assert_close(tables["static"][name], tables["fused"][name], rtol=0,
                                    atol=1e-5, msg=name)
 
+
+
+@pytest.mark.parametrize("optimizer", ROW_OPTIMIZERS)
+def test_a_device_held_learning_rate_moves_rows_as_the_float_one(ptb_epoch, optimizer):
+    """A CUDA graph reads the rate from device memory (RowOptimizer.device_lr)."""
+    batch = ptb_batch(ptb_epoch, 512, seed=4)
+    name, *extra = optimizer.split()
+    cfg = load_config(None, [f"train.optimizer={name}", "train.lr=0.05", *extra])
+    tables = []
+    for held in (False, True):
+        model = SkipGram(ptb_epoch[1], 100, "fast", "static")
+        model.reset_parameters(torch.Generator().manual_seed(0))
+        opt = build_optimizer(cfg.train, model, fixed_shapes=True)
+        if held:
+            opt.device_lr = torch.tensor(0.0)
+        for lr in (cfg.train.lr, cfg.train.lr / 2):
+            for group in opt.param_groups:
+                group["lr"] = lr if not held else 1e9  # a held rate ignores the group's
+            if held:
+                opt.device_lr.fill_(lr)
+            opt.zero_grad(set_to_none=True)
+            model(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                  batch.num_negatives).mean().backward()
+            opt.step()
+        tables.append(dict(model.named_parameters()))
+    for name in PARAMS:
+        torch.testing.assert_close(tables[1][name], tables[0][name], rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd train.lr=300 train.lr_min=1", "rowwise_adagrad"])
+def test_the_graphable_step_trains_like_the_plain_step(ptb, tmp_path, optimizer):
+    """GraphedStep without the capture (static buffers, device-held scale and rate) over two
+    epochs with padded tail batches: the tables of the plain static step."""
+    name, *extra = optimizer.split()
+    tables = []
+    for graphable in (False, True):
+        cfg = load_config(None, [f"data.dir={ptb}", "data.max_sentences=2000", "model.dim=16",
+                                 "train.epochs=2", "train.batch_size=384", "train.threads=1",
+                                 f"train.optimizer={name}", *extra, "train.kernel=static",
+                                 "eval.every_epochs=0"])
+        trainer = Trainer(cfg, DistEnv(), tmp_path / str(graphable),
+                          prepare(cfg.data, tmp_path / "cache"))
+        if graphable:
+            width = trainer.stream.source.builder.width
+            shape = Batch(torch.zeros(384, dtype=torch.int32),
+                          torch.zeros((384, width), dtype=torch.int32),
+                          torch.zeros(384, dtype=torch.int64), cfg.data.num_negatives)
+            trainer.graphed = GraphedStep(trainer.model, trainer.optimizer, shape, capture=False)
+        trainer.fit()
+        tables.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    assert bool(trainer.graphed.centers.ne(0).any()), "the steps did not go through its buffers"
+    for param in PARAMS:
+        torch.testing.assert_close(tables[1][param], tables[0][param], rtol=0, atol=1e-6)
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_capture(ptb, tmp_path):
+    cfg = load_config(None, [f"data.dir={ptb}", "data.max_sentences=500", "train.threads=1",
+                             "train.cuda_graph=true", "train.optimizer=sgd"])
+    with pytest.raises(UserError, match=r"^train.cuda_graph needs one CUDA process, the static "
+                       r"kernel .* \(here: cpu, 1 process\(es\), kernel fused, sgd\); drop "
+                       r"train.cuda_graph$"):
+        Trainer(cfg, DistEnv(), tmp_path / "run", prepare(cfg.data, tmp_path / "cache"))

@@ -31,7 +31,8 @@ from dist_w2v.outputs.metrics import NullLogger
 from dist_w2v.parallel.env import DistEnv, all_sum, any_rank, barrier, chunk_builders, on_main_rank
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
-from dist_w2v.train.optim import build_optimizer, set_learning_rate
+from dist_w2v.train.graphed import GraphedStep
+from dist_w2v.train.optim import RowOptimizer, build_optimizer, set_learning_rate
 from dist_w2v.train.stop import StopRequest
 
 # How often ranks agree on whether a stop (SIGUSR2 / SIGTERM) was requested: a collective every
@@ -167,6 +168,8 @@ class Trainer:
                                  background)
         self.model = init_model(len(self.vocab), cfg, env.device)
         self.optimizer = build_optimizer(cfg.train, self.model, self.fixed_shapes)
+        self.check_cuda_graph()
+        self.graphed: GraphedStep | None = None
         warm_up_compiled_kernels(builder, self.model, self.optimizer)
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, env, say=self.log.info)
         self.state = TrainState()
@@ -206,6 +209,17 @@ class Trainer:
             # A full disk fails rank 0's write; the collective tells every rank to stop too.
             on_main_rank(self.env, lambda: save_outputs(self.run_dir, self.embeddings()))
         return TrainResult(self.state, stopped, self.model)
+
+    def check_cuda_graph(self) -> None:
+        train = self.cfg.train
+        if train.cuda_graph and not (self.env.device.type == "cuda" and not self.env.distributed
+                                     and self.fixed_shapes
+                                     and isinstance(self.optimizer, RowOptimizer)):
+            raise UserError(
+                f"train.cuda_graph needs one CUDA process, the static kernel and train.optimizer "
+                f"sgd or rowwise_adagrad (here: {self.env.device.type}, {self.env.world_size} "
+                f"process(es), kernel {self.model.kernel}, {train.optimizer}); drop "
+                "train.cuda_graph")
 
     @property
     def fixed_shapes(self) -> bool:
@@ -282,14 +296,18 @@ class Trainer:
         """One optimizer step on this rank's slice; returns the slice's summed loss (on device)."""
         step = self.state.step
         progress = (epoch + step / plan.num_steps) / self.cfg.train.epochs
-        set_learning_rate(self.optimizer, self.cfg.train, progress)
+        lr = set_learning_rate(self.optimizer, self.cfg.train, progress)
         if self.fixed_shapes:
             batch = batch.padded_to(self.cfg.train.batch_size // self.env.world_size)
-        per_example = ddp(batch.centers, batch.contexts_negatives, batch.num_contexts,
-                          batch.num_negatives)
         # Sum scaled by W / global batch: DDP's mean over ranks then equals the global batch's
         # per-example mean, also for a tail batch that the shards fill unevenly.
         scale = self.env.world_size / plan.global_batch_size(step)
+        if self.cfg.train.cuda_graph and self.graphed is None:
+            self.graphed = GraphedStep(ddp, self.optimizer, batch)
+        if self.graphed is not None:
+            return self.graphed.step(batch, scale, lr)
+        per_example = ddp(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                          batch.num_negatives)
         self.optimizer.zero_grad(set_to_none=True)
         (per_example.sum() * scale).backward()
         self.optimizer.step()

@@ -52,6 +52,12 @@ class RowOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, fixed_shapes: bool = False):
         super().__init__(params, defaults)
         self.fixed_shapes = fixed_shapes
+        # Set by a CUDA graph (train/graphed.py): the rate read from device memory, so that a
+        # replayed step follows the schedule; param_groups keep the float (for checkpoints).
+        self.device_lr: torch.Tensor | None = None
+
+    def rate(self, group: dict) -> float | torch.Tensor:
+        return group["lr"] if self.device_lr is None else self.device_lr
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -88,10 +94,15 @@ class RowSGD(RowOptimizer):
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         grad = param.grad
-        if grad.is_sparse:
-            param.index_add_(0, grad._indices()[0], grad._values(), alpha=-group["lr"])
+        lr = self.rate(group)
+        if not grad.is_sparse:
+            param.sub_(grad * lr)
+            return
+        rows, values = grad._indices()[0], grad._values()
+        if isinstance(lr, torch.Tensor):  # a graph's rate in device memory: no scalar alpha
+            param.index_add_(0, rows, values * -lr)
         else:
-            param.add_(grad, alpha=-group["lr"])
+            param.index_add_(0, rows, values, alpha=-lr)
 
 
 class RowwiseAdagrad(RowOptimizer):
@@ -119,7 +130,8 @@ class RowwiseAdagrad(RowOptimizer):
                          fixed_shapes)
 
     def runs_compiled(self, param: torch.Tensor) -> bool:
-        return param.device.type == "cpu" and self.compiled and not self.fixed_shapes
+        return (param.device.type == "cpu" and self.compiled and not self.fixed_shapes
+                and self.device_lr is None)
 
     def warm_up(self) -> None:
         """Load (the first time on a machine: compile) the CPU kernel on scratch rows."""
@@ -149,7 +161,7 @@ class RowwiseAdagrad(RowOptimizer):
             return
         accumulator.index_add_(0, rows, values.pow(2).mean(1))
         scale = accumulator.index_select(0, rows).sqrt_().add_(group["eps"]).reciprocal_()
-        param.index_add_(0, rows, values * scale.mul_(-group["lr"]).unsqueeze(1))
+        param.index_add_(0, rows, values * scale.mul_(-self.rate(group)).unsqueeze(1))
 
 
 class RowCappedSGD(RowOptimizer):
@@ -168,7 +180,7 @@ class RowCappedSGD(RowOptimizer):
 
     def _update(self, param: torch.Tensor, group: dict) -> None:
         rows, values = self.row_gradient(param)
-        steps = values * group["lr"]
+        steps = values * self.rate(group)
         norms = steps.norm(dim=1, keepdim=True)
         scale = (group["max_row_step"] / norms.clamp_min(1e-30)).clamp_max_(1.0)
         param.index_add_(0, rows, steps.mul_(scale).neg_())
@@ -236,7 +248,9 @@ def learning_rate(cfg: TrainConfig, progress: float) -> float:
     return lr
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, progress: float) -> None:
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                      progress: float) -> float:
     lr = learning_rate(cfg, progress)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    return lr
