@@ -65,7 +65,9 @@ class GraphedStep:
             return loss
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # The chunk builder's thread keeps allocating (and may sync) on its own stream
+            # meanwhile: only this thread's calls must be capture-safe.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.loss = self._step()
         self.graph.replay()
         return self.loss
