@@ -30,6 +30,9 @@ from torch.nn import functional as F
 
 from dist_w2v.model.static_rows import row_sparse, static_unique_rows
 
+# Rows that absorb the padding slots' zero gradients (spread, so no row is a hot spot).
+SCRATCH_ROWS = 1024
+
 
 class StaticSkipGramLoss(torch.autograd.Function):
     """Per-example loss (B,) of the padded batch; fixed-length sparse gradients for both tables."""
@@ -65,9 +68,19 @@ class StaticSkipGramLoss(torch.autograd.Function):
         coefficient *= (grad_output / pairs).unsqueeze(1)  # (B, L)
         grad_v = torch.bmm(coefficient.unsqueeze(1), u).squeeze(1)  # (B, D)
         per_slot = (coefficient.unsqueeze(2) * v.unsqueeze(1)).reshape(words.shape[0], -1)
-        word_rows, word_position = static_unique_rows(words, context_shape[0])
-        grad_u = per_slot.new_zeros((word_rows.shape[0], per_slot.shape[1]))
-        grad_u.index_add_(0, word_position, per_slot)
+        # Padding slots (about half of them on PTB) hold word 0. Listed as such, every one
+        # would write the same flag and row entry, and add its zeros to the same row: a hot
+        # spot on a GPU. They are listed as their example's first context (already touched)
+        # and add into scratch rows round-robin, cut off after.
+        real_slot = real.reshape(-1) > 0
+        first_context = words.view(real.shape)[:, :1].expand_as(real).reshape(-1)
+        listed = torch.where(real_slot, words, first_context)
+        word_rows, word_position = static_unique_rows(listed, context_shape[0])
+        num_rows = word_rows.shape[0]
+        scratch = num_rows + torch.arange(words.shape[0], device=words.device) % SCRATCH_ROWS
+        target = torch.where(real_slot, word_position, scratch)
+        grad_u = per_slot.new_zeros((num_rows + SCRATCH_ROWS, per_slot.shape[1]))
+        grad_u = grad_u.index_add_(0, target, per_slot)[:num_rows]
         center_rows, center_position = static_unique_rows(centers, center_shape[0])
         grad_c = grad_v.new_zeros((center_rows.shape[0], grad_v.shape[1]))
         grad_c.index_add_(0, center_position, grad_v)
