@@ -14,8 +14,9 @@ by a CUDA graph. This kernel keeps the padded (B, L) layout instead and masks th
   rows, padded with zero-valued entries, so the exchange and the optimizers see the same
   shapes every step.
 
-It reads L slots per example where ~26 of 60 are real on PTB's window 5: on a GPU the extra
-bytes cost less than the syncs and launches they save; on CPU the ``fused`` kernel is faster.
+It reads L slots per example where ~26 of 60 are real on PTB's window 5: the bet is that on a
+GPU the extra bytes cost less than the syncs they remove (not yet measured: benchmarks/gpu.sh
+times both kernels); on CPU the ``fused`` kernel is 16x faster.
 An example with no contexts (``num_contexts`` 0, how the trainer pads a short batch to its
 fixed size) scores 0 and moves nothing. The loss is the reference's: tests/test_fast_path.py
 holds this kernel to it.
