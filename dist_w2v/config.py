@@ -136,7 +136,7 @@ class TrainConfig:
     """The fast path's kernel: auto (fused on CPU, static on CUDA), fused (CPU only), csr,
     index, or static (every shape fixed by the batch's: no host sync in the step)."""
     cuda_graph: bool = False
-    """Capture the training step once as a CUDA graph and replay it (train/graphed.py): one
+    """Capture the training step once as a CUDA graph and replay it (train/step.py): one
     CUDA process, the static kernel, sgd or rowwise_adagrad."""
     compile: bool = False
     """torch.compile the model (padded path only: Dynamo cannot trace the fast path's kernels)."""

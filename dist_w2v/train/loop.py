@@ -31,8 +31,8 @@ from dist_w2v.outputs.metrics import NullLogger
 from dist_w2v.parallel.env import DistEnv, all_sum, any_rank, barrier, chunk_builders, on_main_rank
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
-from dist_w2v.train.graphed import GraphedStep
 from dist_w2v.train.optim import RowOptimizer, build_optimizer, set_learning_rate
+from dist_w2v.train.step import GraphedStep, optimizer_step
 from dist_w2v.train.stop import StopRequest
 
 # How often ranks agree on whether a stop (SIGUSR2 / SIGTERM) was requested: a collective every
@@ -306,12 +306,7 @@ class Trainer:
             self.graphed = GraphedStep(ddp, self.optimizer, batch)
         if self.graphed is not None:
             return self.graphed.step(batch, scale, lr)
-        per_example = ddp(batch.centers, batch.contexts_negatives, batch.num_contexts,
-                          batch.num_negatives)
-        self.optimizer.zero_grad(set_to_none=True)
-        (per_example.sum() * scale).backward()
-        self.optimizer.step()
-        return per_example.detach().sum().to(torch.float64)
+        return optimizer_step(ddp, self.optimizer, batch, scale)
 
     def log_window(self, window_loss: torch.Tensor, window_examples: int, window_started: float,
                    steps_in_epoch: int) -> None:

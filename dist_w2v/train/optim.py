@@ -52,7 +52,7 @@ class RowOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, fixed_shapes: bool = False):
         super().__init__(params, defaults)
         self.fixed_shapes = fixed_shapes
-        # Set by a CUDA graph (train/graphed.py): the rate read from device memory, so that a
+        # Set by a CUDA graph (train/step.py): the rate read from device memory, so that a
         # replayed step follows the schedule; param_groups keep the float (for checkpoints).
         self.device_lr: torch.Tensor | None = None
 
@@ -75,12 +75,24 @@ class RowOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def row_gradient(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The touched rows and their gradient rows, each row once (plus, with fixed shapes,
-        zero-valued padding entries)."""
+        """The touched rows (each once; with fixed shapes, plus zero-valued padding entries)
+        and their gradient rows, from a row-sparse or dense gradient."""
         grad = param.grad
-        if self.fixed_shapes and grad.is_sparse:
+        if not grad.is_sparse:
+            return torch.arange(param.shape[0], device=param.device), grad
+        if grad.sparse_dim() != 1:
+            raise ValueError("row-wise optimizers take row-sparse gradients (sparse_dim 1), as "
+                             "nn.Embedding(sparse=True) gives")
+        if self.fixed_shapes:
             return sum_duplicate_rows(grad._indices()[0], grad._values())
-        return _row_gradient(param)
+        if grad.device.type == "cpu" and not grad.is_coalesced():
+            # Autograd drops the fast path's coalesced flag when it stores .grad; rows already
+            # strictly increasing need no sort (on a GPU, finding out would cost a sync).
+            rows = grad._indices()[0]
+            if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+                return rows, grad._values()
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
 
 
 class RowSGD(RowOptimizer):
@@ -185,23 +197,6 @@ class RowCappedSGD(RowOptimizer):
         scale = (group["max_row_step"] / norms.clamp_min(1e-30)).clamp_max_(1.0)
         param.index_add_(0, rows, steps.mul_(scale).neg_())
 
-
-def _row_gradient(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The touched rows (unique) and their gradient rows, from a row-sparse or dense gradient."""
-    grad = param.grad
-    if grad.is_sparse:
-        if grad.sparse_dim() != 1:
-            raise ValueError("row-wise optimizers take row-sparse gradients (sparse_dim 1), as "
-                             "nn.Embedding(sparse=True) gives")
-        if grad.device.type == "cpu" and not grad.is_coalesced():
-            # Autograd drops the fast path's coalesced flag when it stores .grad; rows already
-            # strictly increasing need no sort (on a GPU, finding out would cost a sync).
-            rows = grad._indices()[0]
-            if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-                return rows, grad._values()
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values()
-    return torch.arange(param.shape[0], device=param.device), grad
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module,

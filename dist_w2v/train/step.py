@@ -1,4 +1,5 @@
-"""The training step captured once as a CUDA graph and replayed (``train.cuda_graph``).
+"""One training step: run as it comes (``optimizer_step``), or captured once as a CUDA graph
+and replayed (``GraphedStep``, ``train.cuda_graph``).
 
 A fast-path step at a few thousand examples is launch-bound on a GPU: ~40 small kernels, each
 launched from Python. With the static kernel every shape is fixed by the (padded) batch and
@@ -20,6 +21,18 @@ from torch import nn
 from dist_w2v.data.examples import Batch
 from dist_w2v.train.optim import RowOptimizer
 
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+                   scale: float | torch.Tensor) -> torch.Tensor:
+    """Forward, backward of the summed loss times ``scale``, the optimizer's step; the batch's
+    summed loss, on the device."""
+    optimizer.zero_grad(set_to_none=True)
+    per_example = model(batch.centers, batch.contexts_negatives, batch.num_contexts,
+                        batch.num_negatives)
+    (per_example.sum() * scale).backward()
+    optimizer.step()
+    return per_example.detach().sum().to(torch.float64)
+
 # Eager steps before the capture: lazy optimizer state, the allocator's pools, cuBLAS handles.
 WARMUP_STEPS = 3
 
@@ -34,10 +47,9 @@ class GraphedStep:
         self.model = model
         self.optimizer = optimizer
         self.capture = capture
-        self.centers = torch.zeros_like(batch.centers)
-        self.contexts_negatives = torch.zeros_like(batch.contexts_negatives)
-        self.num_contexts = torch.zeros_like(batch.num_contexts)
-        self.num_negatives = batch.num_negatives
+        self.buffers = Batch(torch.zeros_like(batch.centers),
+                             torch.zeros_like(batch.contexts_negatives),
+                             torch.zeros_like(batch.num_contexts), batch.num_negatives)
         weight = next(model.parameters())
         self.scale = torch.zeros((), dtype=weight.dtype, device=weight.device)
         optimizer.device_lr = torch.zeros((), dtype=weight.dtype, device=weight.device)
@@ -48,9 +60,9 @@ class GraphedStep:
     def step(self, batch: Batch, scale: float, lr: float) -> torch.Tensor:
         """Train on ``batch`` (of the buffers' shape) with the loss scaled by ``scale`` at rate
         ``lr``; the summed loss, on the device (valid until the next step)."""
-        self.centers.copy_(batch.centers)
-        self.contexts_negatives.copy_(batch.contexts_negatives)
-        self.num_contexts.copy_(batch.num_contexts)
+        self.buffers.centers.copy_(batch.centers)
+        self.buffers.contexts_negatives.copy_(batch.contexts_negatives)
+        self.buffers.num_contexts.copy_(batch.num_contexts)
         self.scale.fill_(scale)
         self.optimizer.device_lr.fill_(lr)
         if not self.capture:
@@ -73,9 +85,4 @@ class GraphedStep:
         return self.loss
 
     def _step(self) -> torch.Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        per_example = self.model(self.centers, self.contexts_negatives, self.num_contexts,
-                                 self.num_negatives)
-        (per_example.sum() * self.scale).backward()
-        self.optimizer.step()
-        return per_example.detach().sum().to(torch.float64)
+        return optimizer_step(self.model, self.optimizer, self.buffers, self.scale)
