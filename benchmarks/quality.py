@@ -199,9 +199,20 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         )
     for system in dict.fromkeys(r["system"] for r in rows):
         scores = [r["benchmarks"]["wordsim353"]["spearman"] for r in rows if r["system"] == system]
-        lines.append(f"\n{system}: WordSim353 median {statistics.median(scores):.3f} over "
-                     f"{len(scores)} seed(s): {', '.join(f'{s:.3f}' for s in scores)}")
+        lines.append(f"\n{system}: WordSim353 {seed_summary(scores)}: "
+                     f"{', '.join(f'{s:.3f}' for s in scores)}")
     return "\n".join(lines)
+
+
+def seed_summary(scores: list[float]) -> str:
+    """Median, and mean with its standard error: on PTB one seed's WordSim353 varies by about
+    0.02 (tuning.md, "How much three seeds can tell"), so settings are compared on the mean of
+    many seeds, never on one median of three."""
+    text = f"median {statistics.median(scores):.3f} over {len(scores)} seed(s)"
+    if len(scores) > 1:
+        error = statistics.stdev(scores) / len(scores) ** 0.5
+        text += f", mean {statistics.mean(scores):.3f} ± {error:.3f} (standard error)"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:

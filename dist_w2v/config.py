@@ -124,7 +124,11 @@ class TrainConfig:
     max_row_step: float = 0.0
     """sgd: the largest L2 norm one step may move a row (0 = no cap; plain SGD)."""
     seed: int = 0
-    """Seeds initialisation and every epoch's examples: epoch e is a pure function of (seed, e)."""
+    """Seeds the tables' initialisation and, unless data_seed is set, every epoch's examples:
+    epoch e is a pure function of (seed, e)."""
+    data_seed: int | None = None
+    """Seeds the examples alone (subsampling, windows, negatives, their order); unset: seed.
+    With it, a study can tell how much of the seed-to-seed spread the initialisation causes."""
     device: str = "auto"
     """auto picks cuda when available, else cpu."""
     threads: int = 0
@@ -163,6 +167,10 @@ class TrainConfig:
                  "kernels, and the fast path is faster than compiled padded anyway); drop "
                  "train.compile or add train.path=padded")
         _require(self.threads >= 0, "train.threads", "must be >= 0 (0 = auto)")
+
+    @property
+    def examples_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def decays(self) -> bool:

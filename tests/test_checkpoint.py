@@ -149,6 +149,8 @@ def test_similar_reports_a_truncated_checkpoint(run_copy, capsys, kept):
     ("data.min_count=6", "was trained on a different vocabulary"),
     ("model.dim=8", "was saved with model.dim=16 but the config says 8; resume with model.dim=16"),
     ("train.seed=1", "was saved with train.seed=0 but the config says 1"),
+    ("train.data_seed=1", "was saved with train.data_seed=null but the config says 1; resume "
+                          "with train.data_seed=null"),
 ])
 def test_a_checkpoint_of_another_run_is_refused(run_copy, corpus, capsys, override, message, kept):
     assert train(*resume_args(corpus, run_copy, override), "--resume", "auto") == 2

@@ -219,3 +219,33 @@ def test_chunks_are_built_beside_the_step_only_where_it_leaves_a_core(monkeypatc
         assert env.chunk_builders(env.DistEnv(local_world_size=2)) == (2, False)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_data_seed_alone_draws_the_examples_and_seed_alone_the_initial_tables(small_prepared,
+                                                                               shared_small_corpus,
+                                                                               tmp_path):
+    """train.data_seed unset is train.seed; set, it moves every batch and no table, and
+    train.seed then moves the tables and no batch."""
+    from dist_w2v.config import load_config
+    from dist_w2v.parallel.env import DistEnv
+    from dist_w2v.train.loop import Trainer
+
+    def first_batch_and_tables(*overrides: str):
+        cfg = load_config(None, [f"data.corpus={shared_small_corpus}", "data.min_count=5",
+                                 "model.dim=8", f"train.batch_size={BATCH}", "train.threads=1",
+                                 *overrides])
+        trainer = Trainer(cfg, DistEnv(), tmp_path / "-".join(overrides), small_prepared)
+        trainer.stream.start_epoch(0)
+        batch = trainer.stream.next_batch()
+        trainer.stream.close()
+        return batch.centers, batch.contexts_negatives, trainer.model.center.weight.detach()
+
+    def same(a, b) -> list[bool]:
+        return [torch.equal(x, y) for x, y in zip(a, b, strict=True)]
+
+    plain = first_batch_and_tables("train.seed=0")
+    assert same(plain, first_batch_and_tables("train.seed=0", "train.data_seed=0")) == [True] * 3
+    assert same(plain, first_batch_and_tables("train.seed=1", "train.data_seed=0")) == [
+        True, True, False]
+    assert same(plain, first_batch_and_tables("train.seed=0", "train.data_seed=1")) == [
+        False, False, True]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from dist_w2v.config import Config
 from dist_w2v.errors import UserError
+from dist_w2v.parallel.allocator import keep_freed_memory
 from dist_w2v.parallel.cores import usable_cores
 
 
@@ -187,6 +188,8 @@ def init_distributed(
                             launch.local_world_size, "store")
     device = choose_device(cfg.train.device, launch.local_rank)
     set_threads(cfg.train.threads, launch.local_world_size, device)
+    if "glibc.malloc" not in environ.get("GLIBC_TUNABLES", ""):  # a user's own settings win
+        keep_freed_memory()
     restarts = int(environ.get("TORCHELASTIC_RESTART_COUNT", "0")) + int(
         environ.get("SLURM_RESTART_COUNT", "0"))
     if launch.launcher == "none":

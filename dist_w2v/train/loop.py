@@ -96,7 +96,7 @@ def checkpoint_payload(
 RUN_DEFINING_KEYS = (
     "data.subsample_t", "data.max_window", "data.num_negatives", "data.resample_each_epoch",
     "data.shards", "data.chunk_tokens", "model.dim", "train.batch_size", "train.seed",
-    "train.optimizer",
+    "train.data_seed", "train.optimizer",
 )
 
 
@@ -121,10 +121,16 @@ def check_compatible(found: Found, corpus: PreparedCorpus, cfg: Config) -> None:
         section, name = key.split(".")
         before, now = saved.get(section, {}).get(name), current[section][name]
         if before != now:
+            before, now = (as_override(value) for value in (before, now))
             raise UserError(
                 f"checkpoint {found.path} was saved with {key}={before} but the config says "
                 f"{now}; resume with {key}={before}, or start a new --run-dir"
             )
+
+
+def as_override(value: Any) -> str:
+    """A config value as a key=value override spells it (an unset value is YAML's null)."""
+    return "null" if value is None else str(value)
 
 
 def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer,
@@ -163,9 +169,9 @@ class Trainer:
         self.vocab = corpus.vocab
         builder = ExampleBuilder(self.vocab, cfg.data, env.device)
         workers, background = chunk_builders(env)
-        self.stream = RankStream(corpus, builder, cfg.data, cfg.train.seed, cfg.train.batch_size,
-                                 env.world_size, env.rank, lambda t: all_sum(env, t), workers,
-                                 background)
+        self.stream = RankStream(corpus, builder, cfg.data, cfg.train.examples_seed,
+                                 cfg.train.batch_size, env.world_size, env.rank,
+                                 lambda t: all_sum(env, t), workers, background)
         self.model = init_model(len(self.vocab), cfg, env.device)
         self.optimizer = build_optimizer(cfg.train, self.model, self.fixed_shapes)
         self.check_cuda_graph()

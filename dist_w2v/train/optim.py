@@ -159,10 +159,10 @@ class RowwiseAdagrad(RowOptimizer):
     def _update(self, param: torch.Tensor, group: dict) -> None:
         state = self.state[param]
         if not state:
-            state["step"] = 0
+            # No step counter: the update does not use one, and under a CUDA graph (train/
+            # step.py) this Python code runs only in the eager steps, so a count would stop.
             state["sum"] = torch.full((param.shape[0],), float(group["initial_accumulator"]),
                                       dtype=param.dtype, device=param.device)
-        state["step"] += 1
         rows, values = self.row_gradient(param)
         accumulator = state["sum"]
         if self.runs_compiled(param):
