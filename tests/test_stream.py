@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import prepare
 
-from dist_w2v.config import DataConfig
+from dist_w2v.config import DataConfig, load_config
 from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.data.stream import ChunkSource, RankStream, check_shards, plan_chunks
 from dist_w2v.errors import UserError
 from dist_w2v.parallel import env
+from dist_w2v.train.loop import Trainer
 
 CPU = torch.device("cpu")
 BATCH = 96
@@ -226,15 +227,11 @@ def test_data_seed_alone_draws_the_examples_and_seed_alone_the_initial_tables(sm
                                                                                tmp_path):
     """train.data_seed unset is train.seed; set, it moves every batch and no table, and
     train.seed then moves the tables and no batch."""
-    from dist_w2v.config import load_config
-    from dist_w2v.parallel.env import DistEnv
-    from dist_w2v.train.loop import Trainer
-
     def first_batch_and_tables(*overrides: str):
         cfg = load_config(None, [f"data.corpus={shared_small_corpus}", "data.min_count=5",
                                  "model.dim=8", f"train.batch_size={BATCH}", "train.threads=1",
                                  *overrides])
-        trainer = Trainer(cfg, DistEnv(), tmp_path / "-".join(overrides), small_prepared)
+        trainer = Trainer(cfg, env.DistEnv(), tmp_path / "-".join(overrides), small_prepared)
         trainer.stream.start_epoch(0)
         batch = trainer.stream.next_batch()
         trainer.stream.close()
