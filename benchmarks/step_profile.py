@@ -26,7 +26,7 @@ from dist_w2v.data.examples import ChunkExamples, ExampleBuilder
 from dist_w2v.data.prepared import load_prepared
 from dist_w2v.data.sources import prepared_dir_for
 from dist_w2v.data.stream import ChunkSource, whole_corpus
-from dist_w2v.model.fast_path import resolve_kernel
+from dist_w2v.model.fast_path import FIXED_SHAPE_KERNELS, resolve_kernel
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.parallel.env import user_dirs
 from dist_w2v.train.optim import build_optimizer
@@ -60,7 +60,7 @@ def make_setup(path: str, kernel: str, batch_size: int, optimizer_name: str, voc
     model = SkipGram(vocab_size, dim, path, kernel)
     model.reset_parameters(torch.Generator().manual_seed(0))
     model.to(device)
-    fixed_shapes = path == "fast" and kernel == "static"
+    fixed_shapes = path == "fast" and kernel in FIXED_SHAPE_KERNELS
     return Setup(path, kernel, batch_size, optimizer_name, model,
                  build_optimizer(cfg.train, model, fixed_shapes))
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", nargs="+", default=["padded", "fast"])
     parser.add_argument("--kernels", nargs="+", default=["auto"],
                         help="the fast path's kernels (train.kernel): auto, fused, csr, index, "
-                        "static")
+                        "static, triton")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and setup")
     parser.add_argument("--threads", type=int, default=2)

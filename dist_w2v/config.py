@@ -93,7 +93,7 @@ OPTIMIZERS = ("adam", "sparse_adam", "sgd", "rowwise_adagrad")
 LR_SCHEDULES = ("auto", "constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 PATHS = ("fast", "padded")
-KERNELS = ("fused", "csr", "index", "static")
+KERNELS = ("fused", "csr", "index", "static", "triton")
 
 
 @dataclass
@@ -138,10 +138,11 @@ class TrainConfig:
     coalesced (dist_w2v/fast_path.py); padded: the seed's bmm over all L slots (the reference)."""
     kernel: str = "auto"
     """The fast path's kernel: auto (fused on CPU, static on CUDA), fused (CPU only), csr,
-    index, or static (every shape fixed by the batch's: no host sync in the step)."""
+    index, static (every shape fixed by the batch's: no host sync in the step), or triton
+    (CUDA: static's shapes from fused Triton kernels that read the real slots only)."""
     cuda_graph: bool = False
     """Capture the training step once as a CUDA graph and replay it (train/step.py): one
-    CUDA process, the static kernel, sgd or rowwise_adagrad."""
+    CUDA process, the static or triton kernel, sgd or rowwise_adagrad."""
     compile: bool = False
     """torch.compile the model (padded path only: Dynamo cannot trace the fast path's kernels)."""
 

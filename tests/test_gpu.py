@@ -1,9 +1,11 @@
 """CUDA checks, skipped on machines without a GPU (benchmarks/gpu.sh runs them on one):
 
-* the fast path equals the padded reference on CUDA, for the static (default) and index kernels;
-* the static kernel's training step (forward, backward, NCCL exchange at world size 1 through
-  the fixed-shape hooks, the optimizer) runs under set_sync_debug_mode("error");
-* the step captured as a CUDA graph (train.cuda_graph) trains like the eager one;
+* the fast path equals the padded reference on CUDA, for the static (default), index and triton
+  kernels (tests/test_triton_kernel.py runs on CUDA too);
+* the fixed-shape kernels' training step (static, triton: forward, backward, NCCL exchange at
+  world size 1 through the fixed-shape hooks, the optimizer) runs under
+  set_sync_debug_mode("error");
+* the step captured as a CUDA graph (train.cuda_graph) trains like the eager one, with either;
 * chunks built on the background thread's side stream train like chunks built inline;
 * one PTB epoch through NCCL (world size 1, the all-gather hook) trains like gloo and like a
   plain process.
@@ -68,7 +70,7 @@ def assert_equal_steps(reference, fast) -> None:
         torch.testing.assert_close(a.grad.to_dense(), b.grad.to_dense(), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("kernel", ["static", "index"])
+@pytest.mark.parametrize("kernel", ["static", "index", "triton"])
 @pytest.mark.parametrize("size", [4096, 65536])
 def test_fast_equals_padded_on_cuda(cuda_epoch, size, kernel):
     assert_equal_steps(*reference_and_fast(cuda_epoch, size, kernel))
@@ -98,21 +100,30 @@ def steps_under_sync_error_mode(trainer: Trainer, module: torch.nn.Module, steps
     torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("exchange", [None, "allgather", "dense"])
-@pytest.mark.parametrize("optimizer", ["sgd", "sgd train.lr=100 train.max_row_step=0.2",
-                                       "rowwise_adagrad", "adam"])
-def test_the_static_step_never_syncs(ptb, prepared_ptb, tmp_path, optimizer, exchange):
+STATIC_STEPS = [("static", optimizer, exchange) for exchange in (None, "allgather", "dense")
+                for optimizer in ("sgd", "sgd train.lr=100 train.max_row_step=0.2",
+                                  "rowwise_adagrad", "adam")]
+# The triton kernel shares the static kernel's gradients; its own part is the kernel launches.
+TRITON_STEPS = [("triton", "sgd", None), ("triton", "rowwise_adagrad", "allgather"),
+                ("triton", "sgd train.lr=100 train.max_row_step=0.2", "dense")]
+
+
+@pytest.mark.parametrize(("kernel", "optimizer", "exchange"), STATIC_STEPS + TRITON_STEPS)
+def test_the_fixed_shape_step_never_syncs(ptb, prepared_ptb, tmp_path, kernel, optimizer,
+                                          exchange):
     """Forward, backward, the exchange (NCCL at world size 1, through the fixed-shape hooks)
-    and the optimizer, under set_sync_debug_mode("error"), at B=16384 and the CUDA default
-    kernel (static). SparseAdam is left out: torch's coalesces its gradient."""
+    and the optimizer, under set_sync_debug_mode("error"), at B=16384, with the CUDA default
+    kernel (static) and the triton kernel. SparseAdam is left out: torch's coalesces its
+    gradient."""
     name, *extra = optimizer.split()
     cfg = load_config(None, [f"data.dir={ptb}", "train.device=cuda", "train.batch_size=16384",
                              f"train.optimizer={name}", *extra, "eval.every_epochs=0",
-                             "dist.backend=nccl", f"dist.grad_exchange={exchange or 'auto'}"])
+                             f"train.kernel={kernel}", "dist.backend=nccl",
+                             f"dist.grad_exchange={exchange or 'auto'}"])
 
     def run(env: DistEnv) -> None:
         trainer = Trainer(cfg, env, tmp_path / "run", prepared_ptb)
-        assert trainer.model.kernel == "static" and trainer.fixed_shapes
+        assert trainer.model.kernel == kernel and trainer.fixed_shapes
         module = wrap_model(trainer.model, env, cfg.dist.grad_exchange, trainer.exchange_shape(),
                             trainer.fixed_shapes)
         steps_under_sync_error_mode(trainer, module, steps=10)
@@ -125,18 +136,22 @@ def test_the_static_step_never_syncs(ptb, prepared_ptb, tmp_path, optimizer, exc
         run(env)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd train.lr=3000 train.lr_min=10",
-                                       "rowwise_adagrad train.lr=0.25"])
-def test_a_captured_step_trains_like_the_eager_one(ptb, prepared_ptb, tmp_path, optimizer):
+@pytest.mark.parametrize(("kernel", "optimizer"),
+                         [("static", "sgd train.lr=3000 train.lr_min=10"),
+                          ("static", "rowwise_adagrad train.lr=0.25"),
+                          ("triton", "rowwise_adagrad train.lr=0.25")])
+def test_a_captured_step_trains_like_the_eager_one(ptb, prepared_ptb, tmp_path, kernel,
+                                                   optimizer):
     """train.cuda_graph: two PTB epochs at B=4096 (warm-up steps eager, then one replay per
-    step, the epochs' tail batches padded) against the eager static step: the same losses and
-    tables up to index_add_'s nondeterministic order of additions."""
+    step, the epochs' tail batches padded) against the eager step: the same losses and
+    tables up to the atomic adds' nondeterministic order."""
     name, *extra = optimizer.split()
     runs = []
     for graph in (False, True):
         cfg = load_config(None, [f"data.dir={ptb}", "train.device=cuda", "train.batch_size=4096",
                                  "train.epochs=2", f"train.optimizer={name}", *extra,
-                                 "eval.every_epochs=0", f"train.cuda_graph={str(graph).lower()}"])
+                                 f"train.kernel={kernel}", "eval.every_epochs=0",
+                                 f"train.cuda_graph={str(graph).lower()}"])
         trainer = Trainer(cfg, DistEnv(device=CUDA), tmp_path / str(graph), prepared_ptb)
         started = time.perf_counter()
         trainer.fit()
@@ -144,7 +159,7 @@ def test_a_captured_step_trains_like_the_eager_one(ptb, prepared_ptb, tmp_path, 
         if graph:
             assert trainer.graphed is not None and trainer.graphed.graph is not None
         losses = [r["loss"] for r in trainer.state.history if r["kind"] == "epoch"]
-        print(f"cuda_graph={graph} {name}: epoch losses {losses}, {seconds:.2f} s")
+        print(f"cuda_graph={graph} {kernel} {name}: epoch losses {losses}, {seconds:.2f} s")
         runs.append((losses, trainer.model.center.weight.detach().cpu()))
     (eager_losses, eager_table), (graph_losses, graph_table) = runs
     assert graph_losses == pytest.approx(eager_losses, abs=1e-3)

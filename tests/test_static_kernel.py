@@ -262,7 +262,7 @@ def test_the_graphable_step_trains_like_the_plain_step(ptb, tmp_path, optimizer)
 def test_cuda_graphs_are_refused_where_they_cannot_capture(ptb, tmp_path):
     cfg = load_config(None, [f"data.dir={ptb}", "data.max_sentences=500", "train.threads=1",
                              "train.cuda_graph=true", "train.optimizer=sgd"])
-    with pytest.raises(UserError, match=r"^train.cuda_graph needs one CUDA process, the static "
-                       r"kernel .* \(here: cpu, 1 process\(es\), kernel fused, sgd\); drop "
-                       r"train.cuda_graph$"):
+    with pytest.raises(UserError, match=r"^train.cuda_graph needs one CUDA process, train.kernel "
+                       r"static or triton, .* \(here: cpu, 1 process\(es\), kernel fused, "
+                       r"sgd\); drop train.cuda_graph$"):
         Trainer(cfg, DistEnv(), tmp_path / "run", prepare(cfg.data, tmp_path / "cache"))

@@ -20,10 +20,12 @@ over the two embedding weights:
 
 Kernels (``kernel=``): ``fused`` (the CPU default: model/fused_cpu.py, word2vec's inner loop
 compiled by numba, about twice the speed of ``csr`` per step), ``csr`` (the tensor version
-above, on CPU), ``index`` (the gathers) and ``static`` (the CUDA default:
+above, on CPU), ``index`` (the gathers), ``static`` (the CUDA default:
 model/static_kernel.py, the padded slots masked, every shape fixed by the batch's, no host
-sync). All four compute the same loss and gradients; tests/test_fast_path.py holds each to the
-padded reference.
+sync) and ``triton`` (model/triton_kernel.py: the static kernel's shapes and gradients from two
+fused Triton kernels that read only the real slots). All five compute the same loss and
+gradients; tests/test_fast_path.py and tests/test_triton_kernel.py hold each to the padded
+reference.
 
 The loss is the reference's, per example: the mean of the sigmoid BCE over the example's real
 slots. Per-example weights the caller applies (the trainer's W / global batch) arrive as
@@ -206,6 +208,11 @@ class SkipGramLoss(torch.autograd.Function):
                 row_gradient(word_rows, grad_u, context_shape), None, None, None, None, None)
 
 
+# Kernels whose gradients have shapes fixed by the batch's (no host sync: train/loop.py pads
+# short batches for them, and the exchange and optimizers take their fixed-length rows).
+FIXED_SHAPE_KERNELS = ("static", "triton")
+
+
 def default_kernel(device: torch.device) -> str:
     return "fused" if device.type == "cpu" else "static"
 
@@ -217,7 +224,22 @@ def resolve_kernel(requested: str, device: torch.device) -> str:
     if requested == "fused" and device.type != "cpu":
         raise UserError(f"train.kernel=fused runs on CPU tables only, and training is on "
                         f"{device.type}; use train.kernel=auto (static on GPUs) or index")
+    if requested == "triton":
+        check_triton(device)
     return requested
+
+
+def check_triton(device: torch.device) -> None:
+    """train.kernel=triton needs the triton package, and CUDA tables unless Triton interprets."""
+    try:
+        from dist_w2v.model.triton_kernel import interpreted
+    except ImportError:
+        raise UserError("train.kernel=triton needs the triton package (CUDA builds of torch "
+                        "bring it); install triton or use train.kernel=static") from None
+    if device.type != "cuda" and not interpreted():
+        raise UserError(f"train.kernel=triton runs on CUDA tables, and training is on "
+                        f"{device.type}; use train.kernel=auto (or TRITON_INTERPRET=1 to debug "
+                        "the kernel on CPU in Triton's interpreter)")
 
 
 def fast_skip_gram_loss(center_weight: torch.Tensor, context_weight: torch.Tensor,
@@ -237,6 +259,11 @@ def fast_skip_gram_loss(center_weight: torch.Tensor, context_weight: torch.Tenso
                                        contexts_negatives, num_contexts, num_negatives)
     if kernel == "static":
         return StaticSkipGramLoss.apply(center_weight, context_weight, centers,
+                                        contexts_negatives, num_contexts, num_negatives)
+    if kernel == "triton":
+        from dist_w2v.model.triton_kernel import TritonSkipGramLoss  # triton: imported when used
+
+        return TritonSkipGramLoss.apply(center_weight, context_weight, centers,
                                         contexts_negatives, num_contexts, num_negatives)
     return SkipGramLoss.apply(center_weight, context_weight, centers, contexts_negatives,
                               num_contexts, num_negatives, kernel)

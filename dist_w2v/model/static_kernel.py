@@ -29,7 +29,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from dist_w2v.model.static_rows import row_sparse, static_unique_rows
+from dist_w2v.model.static_rows import (
+    real_slot_mask,
+    row_sparse,
+    static_slot_rows,
+    static_unique_rows,
+)
 
 # Rows that absorb the padding slots' zero gradients (spread, so no row is a hot spot).
 SCRATCH_ROWS = 1024
@@ -45,10 +50,9 @@ class StaticSkipGramLoss(torch.autograd.Function):
         batch, width = contexts_negatives.shape
         words = contexts_negatives.reshape(-1).to(torch.int64)
         centers = centers.to(torch.int64)
-        slots = torch.arange(width, device=contexts_negatives.device)
-        n = num_contexts.to(torch.int64).unsqueeze(1)
-        real = (slots < n * (1 + num_negatives)).to(center_weight.dtype)  # (B, L)
-        is_context = (slots < n).to(center_weight.dtype)
+        dtype = center_weight.dtype
+        real = real_slot_mask(contexts_negatives, num_contexts, num_negatives).to(dtype)  # (B, L)
+        is_context = real_slot_mask(contexts_negatives, num_contexts, 0).to(dtype)  # first n_i
         # The reference's mask.sum(1); at least 1 so that padding examples give 0, not 0/0.
         pairs = real.sum(1).clamp_min_(1.0)
         v = center_weight.index_select(0, centers)  # (B, D)
@@ -69,14 +73,12 @@ class StaticSkipGramLoss(torch.autograd.Function):
         coefficient *= (grad_output / pairs).unsqueeze(1)  # (B, L)
         grad_v = torch.bmm(coefficient.unsqueeze(1), u).squeeze(1)  # (B, D)
         per_slot = (coefficient.unsqueeze(2) * v.unsqueeze(1)).reshape(words.shape[0], -1)
-        # Padding slots (about half of them on PTB) hold word 0. Listed as such, every one
-        # would write the same flag and row entry, and add its zeros to the same row: a hot
-        # spot on a GPU. They are listed as their example's first context (already touched)
-        # and add into scratch rows round-robin, cut off after.
-        real_slot = real.reshape(-1) > 0
-        first_context = words.view(real.shape)[:, :1].expand_as(real).reshape(-1)
-        listed = torch.where(real_slot, words, first_context)
-        word_rows, word_position = static_unique_rows(listed, context_shape[0])
+        real_slot = real > 0
+        word_rows, word_position = static_slot_rows(words.view(real.shape), real_slot,
+                                                    context_shape[0])
+        # Padding slots' zeros go into scratch rows round-robin, cut off after: added to the
+        # row their position names, they would all hit the same few rows (a GPU hot spot).
+        real_slot = real_slot.reshape(-1)
         num_rows = word_rows.shape[0]
         scratch = num_rows + torch.arange(words.shape[0], device=words.device) % SCRATCH_ROWS
         target = torch.where(real_slot, word_position, scratch)

@@ -42,6 +42,26 @@ def static_unique_rows(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, 
     return rows.scatter_(0, position, ids), position
 
 
+def real_slot_mask(contexts_negatives: torch.Tensor, num_contexts: torch.Tensor,
+                   num_negatives: int) -> torch.Tensor:
+    """(B, L) bool: the slots the reference's mask keeps, ``num_contexts · (1 + K)`` per example."""
+    slots = torch.arange(contexts_negatives.shape[1], device=contexts_negatives.device)
+    return slots < num_contexts.to(torch.int64).unsqueeze(1) * (1 + num_negatives)
+
+
+def static_slot_rows(words: torch.Tensor, real: torch.Tensor,
+                     num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context rows a padded (B, L) batch touches, at a fixed length (static_unique_rows),
+    and each slot's position among them; a padding slot's position is its example's first
+    context's, so that it points at a row the example really touches.
+
+    Padding slots (about half of PTB's) hold word 0. Listed as such, every one would write the
+    same flag and row entry: a hot spot on a GPU."""
+    words = words.to(torch.int64)
+    listed = torch.where(real, words, words[:, :1])
+    return static_unique_rows(listed, num_rows)
+
+
 def sum_duplicate_rows(rows: torch.Tensor,
                        values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``coalesce`` at a fixed length: each row once (sorted) with its values summed, then

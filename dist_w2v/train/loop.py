@@ -24,7 +24,7 @@ from dist_w2v.data.prepared import PreparedCorpus
 from dist_w2v.data.stream import EpochPlan, RankStream
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
-from dist_w2v.model.fast_path import resolve_kernel
+from dist_w2v.model.fast_path import FIXED_SHAPE_KERNELS, resolve_kernel
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
@@ -222,16 +222,16 @@ class Trainer:
                                      and self.fixed_shapes
                                      and isinstance(self.optimizer, RowOptimizer)):
             raise UserError(
-                f"train.cuda_graph needs one CUDA process, the static kernel and train.optimizer "
-                f"sgd or rowwise_adagrad (here: {self.env.device.type}, {self.env.world_size} "
-                f"process(es), kernel {self.model.kernel}, {train.optimizer}); drop "
-                "train.cuda_graph")
+                f"train.cuda_graph needs one CUDA process, train.kernel static or triton, and "
+                f"train.optimizer sgd or rowwise_adagrad (here: {self.env.device.type}, "
+                f"{self.env.world_size} process(es), kernel {self.model.kernel}, "
+                f"{train.optimizer}); drop train.cuda_graph")
 
     @property
     def fixed_shapes(self) -> bool:
-        """Whether every step has the same shapes (the static kernel): batches are padded to
+        """Whether every step has the same shapes (static, triton): batches are padded to
         this rank's full share and nothing in the step reads a device value back."""
-        return self.model.path == "fast" and self.model.kernel == "static"
+        return self.model.path == "fast" and self.model.kernel in FIXED_SHAPE_KERNELS
 
     def exchange_shape(self) -> ExchangeShape:
         data = self.cfg.data
