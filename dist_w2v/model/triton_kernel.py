@@ -42,23 +42,42 @@ GPU_SLOT_BLOCK = 32
 
 
 @triton.jit
-def _forward(center_w, context_w, centers, words, num_contexts, scores, loss, width,
-             num_negatives, DIM: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+def _example(center_w, centers, num_contexts, num_negatives, DIM: tl.constexpr,
              DIM_BLOCK: tl.constexpr):
+    """This program's example: its context count, its real slot count, the dimension offsets
+    (and which are inside D), its center row."""
     example = tl.program_id(0)
     n = tl.load(num_contexts + example).to(tl.int32)
-    pairs = n * (1 + num_negatives)
     d = tl.arange(0, DIM_BLOCK)
     in_dim = d < DIM
     center = tl.load(centers + example).to(tl.int64)
     v = tl.load(center_w + center * DIM + d, mask=in_dim, other=0.0)
+    return example, n, n * (1 + num_negatives), d, in_dim, v
+
+
+@triton.jit
+def _slot_rows(context_w, words, example, width, start, pairs, d, in_dim, DIM: tl.constexpr,
+               SLOT_BLOCK: tl.constexpr):
+    """Slots [start, start + SLOT_BLOCK) of the example, which are real, and their rows
+    (padding slots masked: never read)."""
+    slot = start + tl.arange(0, SLOT_BLOCK)
+    real = slot < pairs
+    word = tl.load(words + example * width + slot, mask=real, other=0).to(tl.int64)
+    u = tl.load(context_w + word[:, None] * DIM + d[None, :],
+                mask=real[:, None] & in_dim[None, :], other=0.0)
+    return slot, real, u
+
+
+@triton.jit
+def _forward(center_w, context_w, centers, words, num_contexts, scores, loss, width,
+             num_negatives, DIM: tl.constexpr, SLOT_BLOCK: tl.constexpr,
+             DIM_BLOCK: tl.constexpr):
+    example, n, pairs, d, in_dim, v = _example(center_w, centers, num_contexts, num_negatives,
+                                               DIM, DIM_BLOCK)
     total = tl.zeros([SLOT_BLOCK], dtype=tl.float32)
     for start in range(0, pairs, SLOT_BLOCK):
-        slot = start + tl.arange(0, SLOT_BLOCK)
-        real = slot < pairs
-        word = tl.load(words + example * width + slot, mask=real, other=0).to(tl.int64)
-        u = tl.load(context_w + word[:, None] * DIM + d[None, :],
-                    mask=real[:, None] & in_dim[None, :], other=0.0)
+        slot, real, u = _slot_rows(context_w, words, example, width, start, pairs, d, in_dim,
+                                   DIM, SLOT_BLOCK)
         score = tl.sum(u * v[None, :], axis=1)
         tl.store(scores + example * width + slot, score, mask=real)
         # BCE with logits: softplus(-x) for a context (label 1), softplus(x) for a negative.
@@ -73,29 +92,22 @@ def _forward(center_w, context_w, centers, words, num_contexts, scores, loss, wi
 def _backward(center_w, context_w, centers, words, num_contexts, scores, grad_loss,
               center_position, word_position, grad_center, grad_context, width, num_negatives,
               DIM: tl.constexpr, SLOT_BLOCK: tl.constexpr, DIM_BLOCK: tl.constexpr):
-    example = tl.program_id(0)
-    n = tl.load(num_contexts + example).to(tl.int32)
-    pairs = n * (1 + num_negatives)
+    example, n, pairs, d, in_dim, v = _example(center_w, centers, num_contexts, num_negatives,
+                                               DIM, DIM_BLOCK)
     scale = tl.load(grad_loss + example) / tl.maximum(pairs, 1).to(tl.float32)
-    d = tl.arange(0, DIM_BLOCK)
-    in_dim = d < DIM
-    center = tl.load(centers + example).to(tl.int64)
-    v = tl.load(center_w + center * DIM + d, mask=in_dim, other=0.0)
     grad_v = tl.zeros([DIM_BLOCK], dtype=tl.float32)
     for start in range(0, pairs, SLOT_BLOCK):
-        slot = start + tl.arange(0, SLOT_BLOCK)
-        real = slot < pairs
-        cell = real[:, None] & in_dim[None, :]
-        word = tl.load(words + example * width + slot, mask=real, other=0).to(tl.int64)
+        slot, real, u = _slot_rows(context_w, words, example, width, start, pairs, d, in_dim,
+                                   DIM, SLOT_BLOCK)
         score = tl.load(scores + example * width + slot, mask=real, other=0.0)
         # d softplus(±x)/dx = sigmoid(x) - label.
         label = (slot < n).to(tl.float32)
         coefficient = tl.where(real, (tl.sigmoid(score) - label) * scale, 0.0)
-        u = tl.load(context_w + word[:, None] * DIM + d[None, :], mask=cell, other=0.0)
         grad_v += tl.sum(coefficient[:, None] * u, axis=0)
         row = tl.load(word_position + example * width + slot, mask=real, other=0).to(tl.int64)
         tl.atomic_add(grad_context + row[:, None] * DIM + d[None, :],
-                      coefficient[:, None] * v[None, :], mask=cell, sem="relaxed")
+                      coefficient[:, None] * v[None, :], mask=real[:, None] & in_dim[None, :],
+                      sem="relaxed")
     row = tl.load(center_position + example).to(tl.int64)
     tl.atomic_add(grad_center + row * DIM + d, grad_v, mask=in_dim, sem="relaxed")
 
