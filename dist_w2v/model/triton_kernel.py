@@ -140,7 +140,7 @@ class TritonSkipGramLoss(torch.autograd.Function):
         if on_cpu and not interpreted():
             raise ValueError("the triton kernel runs on CUDA tables (on CPU tensors only under "
                              "TRITON_INTERPRET=1, Triton's interpreter)")
-        scores = center_weight.new_zeros((batch, width))
+        scores = center_weight.new_empty((batch, width))  # padding slots: never written or read
         loss = center_weight.new_empty(batch)
         if batch:
             _forward[(batch,)](center_weight, context_weight, centers, contexts_negatives,
