@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
         capture_output=True, text=True, timeout=timeout, env=cli_env(env), cwd=cwd or REPO,
     )
 
+
+
+def compiled_variants(*overrides: str) -> dict[str, dict[str, int]]:
+    """tests/compiled_variants.py in a fresh interpreter: each compiled kernel's variants after
+    the trainer's setup and after its training."""
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "compiled_variants.py"), *overrides],
+        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=REPO / "tests",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 SMOKE = ("train.epochs=1", "train.batch_size=64", "model.dim=16", "data.min_count=5",
          "eval.every_epochs=0", "train.threads=1")

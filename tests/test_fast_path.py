@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import prepare, ptb_batch
+from conftest import compiled_variants, prepare, ptb_batch
 
 from dist_w2v.config import load_config
 from dist_w2v.data.examples import Batch
@@ -220,3 +220,21 @@ def test_the_fused_kernel_keeps_torchs_thread_count():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad train.lr=0.25"])
+def test_the_trainer_compiles_its_kernels_before_training(ptb, optimizer):
+    """numba compiles (or loads) a CPU kernel at its first call: the trainer's setup makes
+    every call that training will make, so no kernel gains a variant inside training's clock
+    (the chunk builder's, the fused kernel's, row-wise Adagrad's)."""
+    name, *extra = optimizer.split()
+    counts = compiled_variants(f"data.dir={ptb}", "data.max_sentences=2000", "model.dim=16",
+                               "train.epochs=1", "train.batch_size=512", "train.threads=1",
+                               f"train.optimizer={name}", *extra, "eval.every_epochs=0")
+    assert counts["trained"] == counts["setup"]
+    kernels = ["data.compiled_rows.build_examples", "model.fused_cpu._forward",
+               "model.fused_cpu._scatter_rows"]
+    if name == "rowwise_adagrad":
+        kernels.append("train.compiled_updates._rowwise_adagrad")
+    for kernel in kernels:
+        assert counts["setup"][f"dist_w2v.{kernel}"] >= 1, kernel

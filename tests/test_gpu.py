@@ -6,6 +6,7 @@
   world size 1 through the fixed-shape hooks, the optimizer) runs under
   set_sync_debug_mode("error");
 * the step captured as a CUDA graph (train.cuda_graph) trains like the eager one, with either;
+* the trainer's setup compiles the triton kernels, so that training compiles nothing;
 * chunks built on the background thread's side stream train like chunks built inline;
 * one PTB epoch through NCCL (world size 1, the all-gather hook) trains like gloo and like a
   plain process.
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import REPO, cli_env, one_chunk_examples
+from conftest import REPO, cli_env, compiled_variants, one_chunk_examples
 
 from dist_w2v.config import load_config
 from dist_w2v.data.examples import ExampleBuilder
@@ -164,6 +165,18 @@ def test_a_captured_step_trains_like_the_eager_one(ptb, prepared_ptb, tmp_path, 
     (eager_losses, eager_table), (graph_losses, graph_table) = runs
     assert graph_losses == pytest.approx(eager_losses, abs=1e-3)
     assert float((graph_table - eager_table).norm() / eager_table.norm()) < 0.01
+
+
+def test_the_triton_kernels_compile_before_training(ptb):
+    """Triton compiles a kernel at its first launch (~1 s), one variant per argument dtypes and
+    specialised integers: the trainer's setup launches both with the real ones, so that no
+    compile lands in training's clock (time to quality counts it)."""
+    counts = compiled_variants(f"data.dir={ptb}", "data.max_sentences=4000", "train.device=cuda",
+                               "train.kernel=triton", "train.epochs=1", "train.batch_size=4096",
+                               "eval.every_epochs=0")
+    assert counts["trained"] == counts["setup"]
+    for kernel in ("_forward", "_backward"):
+        assert counts["setup"][f"dist_w2v.model.triton_kernel.{kernel}"] == 1, kernel
 
 
 def train_one_epoch(tmp_path, name: str, *overrides: str, nproc: int = 1) -> dict:

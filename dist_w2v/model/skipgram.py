@@ -9,6 +9,9 @@ from torch.nn import functional as F
 from dist_w2v.data.examples import mask_and_label
 from dist_w2v.model.fast_path import fast_skip_gram_loss
 
+# The kernels compiled at their first call, by device type (None: the CPU default, fused).
+COMPILED_KERNELS = {"cpu": (None, "fused"), "cuda": ("triton",)}
+
 
 def skip_gram(
     center: torch.Tensor, contexts_and_negatives: torch.Tensor, embed_v: nn.Module,
@@ -46,17 +49,22 @@ class SkipGram(nn.Module):
         for table in (self.center, self.context):
             nn.init.xavier_uniform_(table.weight, generator=generator)
 
-    def warm_up(self) -> None:
-        """Load (the first time on a machine: compile) the fused CPU kernel before training's
-        clock starts: one loss and gradient on copies of three rows, the tables untouched."""
-        on_cpu = self.center.weight.device.type == "cpu"
-        if self.path != "fast" or self.kernel not in (None, "fused") or not on_cpu:
+    def warm_up(self, width: int, num_negatives: int) -> None:
+        """Load (the first time on a machine: compile) the fast path's compiled kernel before
+        training's clock starts: numba's fused CPU kernel, or Triton's, which compiles a variant
+        per layout width, K and argument dtypes (ChunkExamples': int32, int64), so the warm-up
+        batch has the real ones. One example on copies of three rows, through forward and
+        backward: the tables stay untouched."""
+        device = self.center.weight.device
+        if self.path != "fast" or self.kernel not in COMPILED_KERNELS.get(device.type, ()):
             return
         center, context = (t.weight[:3].detach().clone().requires_grad_()
                            for t in (self.center, self.context))
-        contexts_negatives = torch.tensor([[2, 1]], dtype=torch.int32)
-        fast_skip_gram_loss(center, context, torch.tensor([1], dtype=torch.int32),
-                            contexts_negatives, torch.tensor([1]), 1).sum().backward()
+        contexts_negatives = torch.zeros((1, width), dtype=torch.int32, device=device)
+        contexts_negatives[0, :2] = torch.tensor([2, 1], dtype=torch.int32)
+        fast_skip_gram_loss(center, context, torch.ones(1, dtype=torch.int32, device=device),
+                            contexts_negatives, torch.ones(1, dtype=torch.int64, device=device),
+                            num_negatives, self.kernel).sum().backward()
 
     def forward(
         self, centers: torch.Tensor, contexts_negatives: torch.Tensor, num_contexts: torch.Tensor,

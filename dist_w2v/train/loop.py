@@ -73,9 +73,10 @@ def init_model(vocab_size: int, cfg: Config, device: torch.device) -> SkipGram:
 def warm_up_compiled_kernels(builder: ExampleBuilder, model: SkipGram,
                              optimizer: torch.optim.Optimizer) -> None:
     """numba loads its CPU kernels at their first call (and compiles them, the first time on a
-    machine): here, before training's clock starts, rather than inside the first epoch."""
+    machine), Triton compiles its GPU kernels then: here, before training's clock starts,
+    rather than inside the first epoch."""
     builder.warm_up()
-    model.warm_up()
+    model.warm_up(builder.width, builder.cfg.num_negatives)
     warm_up = getattr(optimizer, "warm_up", None)
     if warm_up is not None:
         warm_up()
