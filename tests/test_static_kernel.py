@@ -80,6 +80,20 @@ def test_rows_at_a_fixed_length_match_torch_unique_and_coalesce():
     assert torch.equal(summed[4:], torch.zeros(2, 2))
 
 
+
+def test_padding_entries_keep_a_slot_each_when_rows_are_summed():
+    """A fixed-length list's PAD_ROW entries come out after the real rows, one slot each: not
+    summed into one (on a GPU, one row that every padding entry's atomic add waits on)."""
+    ids = torch.tensor([PAD_ROW, 5, PAD_ROW, 3, 5, PAD_ROW])
+    values = torch.arange(12.0).reshape(6, 2)
+    rows, summed = sum_duplicate_rows(ids, values)
+    assert torch.equal(rows, torch.tensor([3, 5, PAD_ROW, PAD_ROW, PAD_ROW, PAD_ROW]))
+    assert torch.equal(summed[:2], torch.stack([values[3], values[1] + values[4]]))
+    assert torch.equal(summed[2], torch.zeros(2))
+    # Each padding entry's value (zero in training) lands in a slot of its own.
+    padding_values = sorted(tuple(row.tolist()) for row in summed[3:])
+    assert padding_values == sorted(tuple(values[i].tolist()) for i in (0, 2, 5))
+
 def test_padding_examples_score_nothing_and_move_nothing(ptb_epoch):
     """A short batch padded to the step's fixed size trains exactly as the short batch."""
     batch = ptb_batch(ptb_epoch, 300)

@@ -65,9 +65,16 @@ def static_slot_rows(words: torch.Tensor, real: torch.Tensor,
 def sum_duplicate_rows(rows: torch.Tensor,
                        values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``coalesce`` at a fixed length: each row once (sorted) with its values summed, then
-    PAD_ROW entries with zero values up to ``len(rows)``."""
+    PAD_ROW entries with zero values up to ``len(rows)``.
+
+    The PAD_ROW entries (a padded list's tail; a 1M-word table's list at B=16,384 is mostly
+    padding) keep one slot each, at the end: summed into one slot, they would be one row that
+    hundreds of thousands of atomic adds wait on, on a GPU."""
     sorted_rows, order = torch.sort(rows)
-    slot = _run_starts(sorted_rows).cumsum(0) - 1
+    padding = sorted_rows == PAD_ROW  # PAD_ROW is the smallest id: a prefix of the sorted rows
+    first_of_row = _run_starts(sorted_rows).masked_fill_(padding, 0)
+    entry = torch.arange(rows.numel(), device=rows.device)
+    slot = torch.where(padding, rows.numel() - 1 - entry, first_of_row.cumsum(0) - 1)
     summed = torch.zeros_like(values).index_add_(0, slot, values.index_select(0, order))
     unique = torch.full_like(rows, PAD_ROW).scatter_(0, slot, sorted_rows)
     return unique, summed
