@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check in one call: the CUDA tests (with the triton kernel's), then our trainer on the
 # GPU: ptb-best and ptb-quick as CUDA graphs on the triton and static kernels (time to
-# WordSim353 0.35; gensim on all the machine's cores), a per-phase step profile of the triton,
-# static and index kernels, ptb-b64k on triton, then the static kernel eager and at 3 batch
+# WordSim353 0.35; gensim on all the machine's cores), a per-phase step profile of the triton
+# (at five launch shapes), static and index kernels, ptb-b64k on triton, then the static
+# kernel eager and at 3 batch
 # sizes (5 epochs, WordSim353 after every epoch), NCCL world size 1 through the all-gather
 # hook, the index kernel's trainer, and the padded path with and without torch.compile.
 # Everything lands in OUTDIR; a summary is printed last.
@@ -142,7 +143,8 @@ bench bench_best_graph 100 --config configs/ptb-best.yaml --ttq "$TTQ" "${GENSIM
 bench bench_quick_triton_graph 60 --config configs/ptb-quick.yaml --ttq "$TTQ" --skip-gensim \
   train.kernel=triton train.cuda_graph=true train.threads=0
 step step_profile 90 "$PY" benchmarks/step_profile.py --device cuda --batch-sizes 4096 65536 \
-  --optimizers sgd rowwise_adagrad --kernels triton static index --rounds 3 --steps 5
+  --optimizers sgd rowwise_adagrad --kernels triton static index --rounds 3 --steps 5 \
+  --triton-shapes 32x4 16x4 64x4 32x8 64x8
 bench bench_triton_b65536 80 --config configs/ptb-b64k.yaml --ttq "$TTQ" \
   --skip-gensim train.kernel=triton train.cuda_graph=true
 bench bench_quick_graph 60 --config configs/ptb-quick.yaml --ttq "$TTQ" --skip-gensim \

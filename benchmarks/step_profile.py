@@ -6,6 +6,9 @@ slows them alike; reports the median over rounds of each phase's per-step median
 
     python benchmarks/step_profile.py --batch-sizes 512 4096 --optimizers sparse_adam sgd
 
+``--triton-shapes 32x4 64x4`` times the triton kernel at other slot blocks and warps per
+program (SLOT_BLOCKxWARPS; each compiles a variant of its own).
+
 ``coalesce`` is what SparseAdam would spend inside its step turning the gradients into unique
 rows (SGD adds an uncoalesced gradient directly, so it has none); ``sampling`` is the epoch
 build (subsampling, windows, negatives) divided by the epoch's steps.
@@ -43,17 +46,29 @@ class Setup:
     optimizer_name: str
     model: SkipGram
     optimizer: torch.optim.Optimizer
+    triton_shape: tuple[int, int] | None = None  # (slots per block, warps) for kernel triton
     next_batch: int = 0
     rounds: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         name = self.path if self.path == "padded" else f"{self.path} {self.kernel}"
+        if self.triton_shape:
+            slots, warps = self.triton_shape
+            name += f" {slots}x{warps}"
         return f"{name:12s} B={self.batch_size:<6d} {self.optimizer_name}"
+
+    def use_launch_shape(self) -> None:
+        """The triton kernel reads its GPU launch shape from module constants at each launch."""
+        if self.triton_shape:
+            from dist_w2v.model import triton_kernel
+
+            triton_kernel.GPU_SLOT_BLOCK, triton_kernel.GPU_NUM_WARPS = self.triton_shape
 
 
 def make_setup(path: str, kernel: str, batch_size: int, optimizer_name: str, vocab_size: int,
-               dim: int, device: torch.device) -> Setup:
+               dim: int, device: torch.device,
+               triton_shape: tuple[int, int] | None = None) -> Setup:
     overrides = [f"train.optimizer={optimizer_name}", f"train.lr={DEFAULT_LR[optimizer_name]}"]
     cfg = load_config(None, overrides)
     kernel = resolve_kernel(kernel, device)
@@ -62,7 +77,7 @@ def make_setup(path: str, kernel: str, batch_size: int, optimizer_name: str, voc
     model.to(device)
     fixed_shapes = path == "fast" and kernel in FIXED_SHAPE_KERNELS
     return Setup(path, kernel, batch_size, optimizer_name, model,
-                 build_optimizer(cfg.train, model, fixed_shapes))
+                 build_optimizer(cfg.train, model, fixed_shapes), triton_shape)
 
 
 def sync(device: torch.device) -> None:
@@ -74,6 +89,7 @@ def time_steps(setup: Setup, examples: ChunkExamples, order: torch.Tensor, steps
                sampling_per_step: float, device: torch.device) -> dict[str, float]:
     """Per-phase median milliseconds over ``steps`` consecutive steps of this setup."""
     spent: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    setup.use_launch_shape()
     num_batches = len(examples) // setup.batch_size
     for _ in range(steps):
         start = (setup.next_batch % num_batches) * setup.batch_size
@@ -123,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", nargs="+", default=["auto"],
                         help="the fast path's kernels (train.kernel): auto, fused, csr, index, "
                         "static, triton")
+    parser.add_argument("--triton-shapes", nargs="+", default=[],
+                        help="launch shapes SLOTSxWARPS for the triton kernel (e.g. 32x4 64x8); "
+                        "default: the kernel's own")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and setup")
     parser.add_argument("--threads", type=int, default=2)
@@ -143,8 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     build_ms = (time.perf_counter() - started) * 1e3
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).to(device)
     combos = itertools.product(args.batch_sizes, args.optimizers, args.paths, args.kernels)
-    setups = [make_setup(p, k, b, o, len(vocab), cfg.model.dim, device)
-              for b, o, p, k in combos if p == "fast" or k == args.kernels[0]]
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.triton_shapes]
+    setups = [make_setup(p, k, b, o, len(vocab), cfg.model.dim, device, shape)
+              for b, o, p, k in combos if p == "fast" or k == args.kernels[0]
+              for shape in ((shapes or [None]) if p == "fast" and k == "triton" else [None])]
     for setup in setups:  # warm-up: first-call allocations and lazy optimizer state
         time_steps(setup, examples, order, 2, 0.0, device)
     for _ in range(args.rounds):

@@ -36,9 +36,12 @@ from dist_w2v.model.static_rows import (
     static_unique_rows,
 )
 
-# Slots per block: a (32, 128) float32 tile is 32 registers a thread at 4 warps. The interpreter
-# runs one block per slot width instead: it pays per operation, not per element.
+# Slots per block and warps per program on a GPU: a (32, 128) float32 tile is 32 registers a
+# thread at 4 warps. Not yet tuned on a GPU (benchmarks/step_profile.py --triton-shapes times
+# others). The interpreter runs one block per slot width instead: it pays per operation, not per
+# element.
 GPU_SLOT_BLOCK = 32
+GPU_NUM_WARPS = 4
 
 
 @triton.jit
@@ -119,8 +122,15 @@ def interpreted() -> bool:
 
 
 def launch_shape(width: int, dim: int, on_cpu: bool) -> dict[str, int]:
+    """The kernels' compile-time constants."""
     slots = triton.next_power_of_2(width) if on_cpu else GPU_SLOT_BLOCK
     return {"DIM": dim, "SLOT_BLOCK": slots, "DIM_BLOCK": triton.next_power_of_2(dim)}
+
+
+def launch(kernel: triton.JITFunction, batch: int, width: int, dim: int, on_cpu: bool,
+           *args: Any) -> None:
+    """One program per example of the batch."""
+    kernel[(batch,)](*args, **launch_shape(width, dim, on_cpu), num_warps=GPU_NUM_WARPS)
 
 
 class TritonSkipGramLoss(torch.autograd.Function):
@@ -143,9 +153,8 @@ class TritonSkipGramLoss(torch.autograd.Function):
         scores = center_weight.new_empty((batch, width))  # padding slots: never written or read
         loss = center_weight.new_empty(batch)
         if batch:
-            _forward[(batch,)](center_weight, context_weight, centers, contexts_negatives,
-                               num_contexts, scores, loss, width, num_negatives,
-                               **launch_shape(width, dim, on_cpu))
+            launch(_forward, batch, width, dim, on_cpu, center_weight, context_weight, centers,
+                   contexts_negatives, num_contexts, scores, loss, width, num_negatives)
         ctx.num_negatives, ctx.on_cpu = num_negatives, on_cpu
         ctx.save_for_backward(center_weight, context_weight, centers, contexts_negatives,
                               num_contexts, scores)
@@ -164,10 +173,10 @@ class TritonSkipGramLoss(torch.autograd.Function):
         grad_context = context_weight.new_zeros((word_rows.shape[0], dim))
         grad_center = center_weight.new_zeros((center_rows.shape[0], dim))
         if batch:
-            _backward[(batch,)](center_weight, context_weight, centers, contexts_negatives,
-                                num_contexts, scores, grad_output.contiguous(), center_position,
-                                word_position, grad_center, grad_context, width,
-                                ctx.num_negatives, **launch_shape(width, dim, ctx.on_cpu))
+            launch(_backward, batch, width, dim, ctx.on_cpu, center_weight, context_weight,
+                   centers, contexts_negatives, num_contexts, scores, grad_output.contiguous(),
+                   center_position, word_position, grad_center, grad_context, width,
+                   ctx.num_negatives)
         return (row_sparse(center_rows, grad_center, center_weight.shape),
                 row_sparse(word_rows, grad_context, context_weight.shape),
                 None, None, None, None)
