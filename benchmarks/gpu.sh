@@ -3,9 +3,9 @@
 # GPU: ptb-best and ptb-quick as CUDA graphs on the triton and static kernels (time to
 # WordSim353 0.35; gensim on all the machine's cores), a per-phase step profile of the triton
 # (at five launch shapes), static and index kernels, ptb-b64k on triton, then the static
-# kernel eager and at 3 batch
-# sizes (5 epochs, WordSim353 after every epoch), NCCL world size 1 through the all-gather
-# hook, the index kernel's trainer, and the padded path with and without torch.compile.
+# kernel eager and at 3 batch sizes (5 epochs, WordSim353 after every epoch), NCCL world size 1
+# through the all-gather hook, the index kernel's trainer, and the padded path with and without
+# torch.compile.
 # Everything lands in OUTDIR; a summary is printed last.
 #
 #   benchmarks/gpu.sh OUTDIR            (or: OUT=OUTDIR benchmarks/gpu.sh)
