@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -157,7 +158,9 @@ def test_the_kernels_compile_for_an_h100_with_vector_loads_and_no_spills(ptb_epo
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4" in ptx and ".local" not in ptx, name
         if name == "_backward":
-            assert "red.global.gpu.relaxed.add.v4.f32" in ptx
+            # Triton 3.9 emits red (no result), 3.6 (the CUDA torch 2.11 wheels') atom with
+            # its result unused: both vector adds of 4 floats, relaxed.
+            assert re.search(r"\b(red|atom)\.global\.gpu\.relaxed\.add\.v4\.f32", ptx)
             assert "acq_rel" not in ptx
 
 
