@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the fast path's kernels (train.kernel): auto, fused, csr, index, "
                         "static, triton")
     parser.add_argument("--triton-shapes", nargs="+", default=[],
-                        help="launch shapes SLOTSxWARPS for the triton kernel (e.g. 32x4 64x8); "
-                        "default: the kernel's own")
+                        help="launch shapes SLOTSxWARPS for the triton kernel (e.g. 32x4 64x8; "
+                        "slots at a dimension up to 128, fewer for wider rows); default: the "
+                        "kernel's own")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and setup")
     parser.add_argument("--threads", type=int, default=2)

@@ -36,10 +36,12 @@ from dist_w2v.model.static_rows import (
     static_unique_rows,
 )
 
-# Slots per block and warps per program on a GPU: a (32, 128) float32 tile is 32 registers a
-# thread at 4 warps. Not yet tuned on a GPU (benchmarks/step_profile.py --triton-shapes times
-# others). The interpreter runs one block per slot width instead: it pays per operation, not per
-# element.
+# Slots per block (at a dimension of up to 128) and warps per program on a GPU: a (32, 128)
+# float32 tile is 32 values a thread at 4 warps. Wider rows take proportionally fewer slots a
+# block, so that the tile stays that size: ptxas gives the backward 255 registers at (32, 512)
+# and spills at (64, 512), none at (8, 512) (tests/test_triton_kernel.py reads its report). Not
+# yet tuned on a GPU (benchmarks/step_profile.py --triton-shapes times others). The interpreter
+# runs one block per slot width instead: it pays per operation, not per element.
 GPU_SLOT_BLOCK = 32
 GPU_NUM_WARPS = 4
 
@@ -123,8 +125,12 @@ def interpreted() -> bool:
 
 def launch_shape(width: int, dim: int, on_cpu: bool) -> dict[str, int]:
     """The kernels' compile-time constants."""
-    slots = triton.next_power_of_2(width) if on_cpu else GPU_SLOT_BLOCK
-    return {"DIM": dim, "SLOT_BLOCK": slots, "DIM_BLOCK": triton.next_power_of_2(dim)}
+    dim_block = triton.next_power_of_2(dim)
+    if on_cpu:
+        slots = triton.next_power_of_2(width)
+    else:
+        slots = max(1, GPU_SLOT_BLOCK * 128 // max(dim_block, 128))
+    return {"DIM": dim, "SLOT_BLOCK": slots, "DIM_BLOCK": dim_block}
 
 
 def launch(kernel: triton.JITFunction, batch: int, width: int, dim: int, on_cpu: bool,
