@@ -174,7 +174,7 @@ def test_the_kernels_compile_for_an_h100_with_vector_loads_and_no_spills(ptb_epo
                    if isinstance(v, torch.Tensor)}  # torch allocates 16-byte aligned
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, aligned),
                                   target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": triton_kernel.GPU_NUM_WARPS})
+                                  options=triton_kernel.launch_options())
         ptx = compiled.asm["ptx"]
         assert "ld.global.v4" in ptx and ".local" not in ptx, name
         registers, spilled = ptxas_report(ptx)

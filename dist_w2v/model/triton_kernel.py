@@ -133,10 +133,17 @@ def launch_shape(width: int, dim: int, on_cpu: bool) -> dict[str, int]:
     return {"DIM": dim, "SLOT_BLOCK": slots, "DIM_BLOCK": dim_block}
 
 
+def launch_options() -> dict[str, int | bool]:
+    """Triton's compile options: the warps (read at each call: the step profile varies them) and
+    fused multiply-adds, named because Triton 3.10 turns them off by default (3.9 warns at the
+    first compile that it will)."""
+    return {"num_warps": GPU_NUM_WARPS, "enable_fp_fusion": True}
+
+
 def launch(kernel: triton.JITFunction, batch: int, width: int, dim: int, on_cpu: bool,
            *args: Any) -> None:
     """One program per example of the batch."""
-    kernel[(batch,)](*args, **launch_shape(width, dim, on_cpu), num_warps=GPU_NUM_WARPS)
+    kernel[(batch,)](*args, **launch_shape(width, dim, on_cpu), **launch_options())
 
 
 class TritonSkipGramLoss(torch.autograd.Function):
