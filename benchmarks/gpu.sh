@@ -13,6 +13,8 @@
 # The package is used from this checkout (PYTHONPATH), not installed. Wheels for what the
 # machine lacks (gensim, scipy, smart_open, wrapt, pyyaml, matplotlib, pytest, ..., built for
 # its Python) can be put in .whl/ at the repository root; they go into a temporary folder.
+# benchmarks/gpu_wheels.sh downloads the ones the GPU image lacks (gensim, which also holds
+# WordSim353: without it no quality or time to quality is measured).
 # PTB is read from $DIST_W2V_DATA, else shared/data/ptb or ../shared/data/ptb.
 # Knobs: BATCHES ("4096 16384 65536"), EPOCHS (5), TTQ (0.35), COMPILE (1), PYTHON (python),
 # BUDGET (500 s): each step has its own limit, cut to what is left of the budget; a step that
