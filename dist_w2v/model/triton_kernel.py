@@ -43,6 +43,7 @@ from dist_w2v.model.static_rows import (
 # yet tuned on a GPU (benchmarks/step_profile.py --triton-shapes times others). The interpreter
 # runs one block per slot width instead: it pays per operation, not per element.
 GPU_SLOT_BLOCK = 32
+GPU_SLOT_BLOCK_WIDTH = 128  # the widest row block that takes GPU_SLOT_BLOCK slots
 GPU_NUM_WARPS = 4
 
 
@@ -129,7 +130,8 @@ def launch_shape(width: int, dim: int, on_cpu: bool) -> dict[str, int]:
     if on_cpu:
         slots = triton.next_power_of_2(width)
     else:
-        slots = max(1, GPU_SLOT_BLOCK * 128 // max(dim_block, 128))
+        wider = max(dim_block // GPU_SLOT_BLOCK_WIDTH, 1)  # a power of 2, as both blocks are
+        slots = max(GPU_SLOT_BLOCK // wider, 1)
     return {"DIM": dim, "SLOT_BLOCK": slots, "DIM_BLOCK": dim_block}
 
 
