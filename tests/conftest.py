@@ -85,7 +85,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
     )
 
 
-
 def compiled_variants(*overrides: str) -> dict[str, dict[str, int]]:
     """tests/compiled_variants.py in a fresh interpreter: each compiled kernel's variants after
     the trainer's setup and after its training."""
@@ -95,6 +94,7 @@ def compiled_variants(*overrides: str) -> dict[str, dict[str, int]]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
+
 
 SMOKE = ("train.epochs=1", "train.batch_size=64", "model.dim=16", "data.min_count=5",
          "eval.every_epochs=0", "train.threads=1")

@@ -80,7 +80,6 @@ def test_rows_at_a_fixed_length_match_torch_unique_and_coalesce():
     assert torch.equal(summed[4:], torch.zeros(2, 2))
 
 
-
 def test_padding_entries_keep_a_slot_each_when_rows_are_summed():
     """A fixed-length list's PAD_ROW entries come out after the real rows, one slot each: not
     summed into one (on a GPU, one row that every padding entry's atomic add waits on)."""
@@ -93,6 +92,7 @@ def test_padding_entries_keep_a_slot_each_when_rows_are_summed():
     # Each padding entry's value (zero in training) lands in a slot of its own.
     padding_values = sorted(tuple(row.tolist()) for row in summed[3:])
     assert padding_values == sorted(tuple(values[i].tolist()) for i in (0, 2, 5))
+
 
 def test_padding_examples_score_nothing_and_move_nothing(ptb_epoch):
     """A short batch padded to the step's fixed size trains exactly as the short batch."""
