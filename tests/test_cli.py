@@ -79,7 +79,11 @@ def test_train_user_mistakes(tmp_path, overrides, fragment):
 
 @pytest.mark.parametrize(
     "content, fragment",
-    [("", "is empty"), ("the cat sat\non the mat\n", "no word occurs at least 10 times")],
+    [("", "is empty"), ("the cat sat\non the mat\n", "no word occurs at least 10 times"),
+     # No sentence of two words; the vocabulary, <unk> and "a", is smaller than the compiled
+     # kernels' warm-up example (3 rows), which once read past the tables:
+     ("a\n" * 50, "the corpus gives no training examples in epoch 1")],
+    ids=["empty", "all-rare", "one-word-sentences"],
 )
 def test_train_bad_corpus(tmp_path, content, fragment):
     corpus = tmp_path / "corpus.txt"

@@ -53,13 +53,14 @@ class SkipGram(nn.Module):
         """Load (the first time on a machine: compile) the fast path's compiled kernel before
         training's clock starts: numba's fused CPU kernel, or Triton's, which compiles a variant
         per layout width, K and argument dtypes (ChunkExamples': int32, int64), so the warm-up
-        batch has the real ones. One example on copies of three rows, through forward and
-        backward: the tables stay untouched."""
-        device = self.center.weight.device
+        batch has the real ones. One example on scratch tables of three rows (a vocabulary
+        may have fewer), through forward and backward: the tables stay untouched."""
+        weight = self.center.weight
+        device = weight.device
         if self.path != "fast" or self.kernel not in COMPILED_KERNELS.get(device.type, ()):
             return
-        center, context = (t.weight[:3].detach().clone().requires_grad_()
-                           for t in (self.center, self.context))
+        center, context = (torch.zeros((3, weight.shape[1]), dtype=weight.dtype, device=device,
+                                       requires_grad=True) for _ in range(2))
         contexts_negatives = torch.zeros((1, width), dtype=torch.int32, device=device)
         contexts_negatives[0, :2] = torch.tensor([2, 1], dtype=torch.int32)
         fast_skip_gram_loss(center, context, torch.ones(1, dtype=torch.int32, device=device),

@@ -143,6 +143,11 @@ def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer,
     return TrainState(**found.payload["state"])
 
 
+NO_EXAMPLES = ("the corpus gives no training examples in epoch {epoch}: no sentence keeps two "
+               "words of the vocabulary after subsampling; train on a larger corpus, or lower "
+               "data.min_count or raise data.subsample_t")
+
+
 class Diverged(UserError):
     """The loss or a table is no longer finite: the run stops before saving anything of it."""
 
@@ -258,6 +263,8 @@ class Trainer:
         started = time.perf_counter()
         epoch = self.state.epoch
         plan = self.stream.start_epoch(epoch, self.state.step)
+        if plan.num_examples == 0:  # every rank holds the same all-summed counts
+            raise UserError(NO_EXAMPLES.format(epoch=epoch + 1))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_examples, window_started = 0, time.perf_counter()
