@@ -92,6 +92,9 @@ class ModelConfig:
 OPTIMIZERS = ("adam", "sparse_adam", "sgd", "rowwise_adagrad")
 LR_SCHEDULES = ("auto", "constant", "linear")
 DEVICES = ("auto", "cpu", "cuda")
+# Seeds enter every random stream as 32-bit keys (data/examples.py's stream_seed): a larger
+# seed would silently repeat a smaller one's examples.
+SEED_LIMIT = 2**32
 PATHS = ("fast", "padded")
 KERNELS = ("fused", "csr", "index", "static", "triton")
 
@@ -168,6 +171,10 @@ class TrainConfig:
                  "kernels, and the fast path is faster than compiled padded anyway); drop "
                  "train.compile or add train.path=padded")
         _require(self.threads >= 0, "train.threads", "must be >= 0 (0 = auto)")
+        _require(0 <= self.seed < SEED_LIMIT, "train.seed",
+                 f"must be in [0, 2**32) (got {self.seed})")
+        _require(self.data_seed is None or 0 <= self.data_seed < SEED_LIMIT, "train.data_seed",
+                 f"must be in [0, 2**32) or null (got {self.data_seed})")
 
     @property
     def examples_seed(self) -> int:
@@ -350,6 +357,29 @@ def _flatten_yaml(raw: Any, source: str) -> dict[str, Any]:
     return flat
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last, so a second ``train:`` section would silently drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def yaml_error_place(exc: yaml.YAMLError) -> str:
+    """`` at line L, column C (what is wrong)`` from a YAML error, where it says."""
+    mark = getattr(exc, "problem_mark", None)
+    place = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"{place} ({problem})"
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``train.lr=0.003`` -> ("train.lr", 0.003), with YAML typing of the right-hand side."""
     if "=" not in text:
@@ -372,13 +402,13 @@ def load_config(
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
         except UnicodeDecodeError as exc:
             raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it "
                             "as UTF-8") from None
         except yaml.YAMLError as exc:
-            first_line = str(exc).splitlines()[0]
-            raise UserError(f"config file {path} is not valid YAML ({first_line})") from None
+            raise UserError(f"config file {path} is not valid YAML{yaml_error_place(exc)}; fix "
+                            "it there") from None
         flat.update(_flatten_yaml(raw, str(path)))
     for text in overrides:
         key, value = parse_override(text)

@@ -59,8 +59,32 @@ def test_missing_and_invalid_config_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
-    with pytest.raises(UserError, match="not valid YAML"):
+    with pytest.raises(UserError, match="not valid YAML at line 2, column 1 "):
         load_config(bad)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("train:\n  lr: 1.0\ntrain:\n  epochs: 2\n", "line 3, column 1 ('train' is given twice)"),
+    ("train:\n  lr: 1.0\n  lr: 2.0\n", "line 3, column 3 ('lr' is given twice)"),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, text, where):
+    """Plain YAML keeps the last of two keys: a second train: section would drop the first."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"config file {path} is not valid YAML at {where}; fix it there"
+
+
+@pytest.mark.parametrize("override", ["train.seed=-1", "train.seed=4294967296",
+                                      "train.data_seed=99999999999999999999"])
+def test_seeds_outside_32_bits_are_refused(override):
+    """Seeds enter the random streams as 32-bit keys; a larger one would repeat a smaller one
+    (and torch's generators reject seeds above 64 bits with a traceback)."""
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"config: {key} must be in \[0, 2\*\*32\)"):
+        load_config(None, [override])
+    assert load_config(None, [f"{key}={2**32 - 1}"])
 
 
 def test_saved_config_round_trips(tmp_path):
