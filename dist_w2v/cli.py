@@ -6,8 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dist_w2v.errors import UserError
+
+if TYPE_CHECKING:
+    from dist_w2v.data.vocab import Vocab
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +47,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="WordSim353, SimLex-999 and Google analogies (needs gensim)")
     _add_source(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--probes", default=",".join(EvalConfig().probes),
-                   help="comma-separated words whose neighbours are shown (default %(default)s)")
+    p.add_argument("--probes", help="comma-separated words whose neighbours are shown "
+                   f"(default: those of {','.join(EvalConfig().probes)} in the vocabulary)")
     p.add_argument("-k", type=int, default=3, help="neighbours per probe word (default 3)")
     p.set_defaults(func=cmd_eval)
 
@@ -126,6 +130,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_unknown_words(words: list[str], vocab: Vocab) -> list[str]:
+    """An error line on stderr for each word the vocabulary lacks; returns those words."""
+    unknown = [word for word in words if vocab[word] == 0]
+    for word in unknown:
+        hint = f"; try {word.lower()!r}" if vocab[word.lower()] != 0 else ""
+        print(f"dist-w2v: error: unknown word {word!r}: not in the vocabulary "
+              f"({len(vocab)} words){hint}", file=sys.stderr)
+    return unknown
+
+
 def cmd_similar(args: argparse.Namespace) -> int:
     from dist_w2v.outputs.artifacts import load_embeddings
     from dist_w2v.outputs.evaluate import UnitTable, probe_neighbours
@@ -134,13 +148,9 @@ def cmd_similar(args: argparse.Namespace) -> int:
         raise UserError("-k must be >= 1")
     emb = load_embeddings(args.run_dir, args.checkpoint)
     answers = probe_neighbours(UnitTable(emb.center), emb.vocab, args.words, args.k)
-    unknown = []
+    unknown = report_unknown_words(args.words, emb.vocab)
     for word in args.words:
-        if emb.vocab[word] == 0:
-            unknown.append(word)
-            hint = f"; try {word.lower()!r}" if emb.vocab[word.lower()] != 0 else ""
-            print(f"dist-w2v: error: unknown word {word!r}: not in the vocabulary "
-                  f"({len(emb.vocab)} words){hint}", file=sys.stderr)
+        if word in unknown:
             continue
         if len(args.words) > 1:
             print(f"{word}:")
@@ -150,6 +160,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dist_w2v.config import EvalConfig
     from dist_w2v.outputs import strict_json
     from dist_w2v.outputs.artifacts import load_embeddings, non_finite_table
     from dist_w2v.outputs.evaluate import evaluation_report, format_report, load_benchmarks
@@ -162,11 +173,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bad is not None:
         raise UserError(f"{args.run_dir or args.checkpoint}: the {bad}; the run diverged, so "
                         "there is nothing to evaluate (retrain with a lower train.lr)")
-    probes = [w for w in args.probes.split(",") if w]
+    if args.probes is None:  # the defaults suit PTB; another corpus may lack some of them
+        probes, unknown = [w for w in EvalConfig().probes if emb.vocab[w] != 0], []
+    else:
+        probes = [w for w in args.probes.split(",") if w]
+        unknown = report_unknown_words(probes, emb.vocab)
     report = evaluation_report(emb.center, emb.vocab, benchmarks, probes, args.k)
     report = {"source": args.run_dir or args.checkpoint, **report}
     print(strict_json.dumps(report) if args.json else format_report(report))
-    return 0
+    return 2 if unknown else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -240,8 +240,10 @@ def vector_run(tmp_path_factory, ptb_vocab) -> Path:
 def test_eval_json_schema(vector_run, capsys):
     pytest.importorskip("gensim")
     assert main(["eval", "--run-dir", str(vector_run), "--json", "--probes", "chip,zzzz",
-                 "-k", "2"]) == 0
-    report = json.loads(capsys.readouterr().out)
+                 "-k", "2"]) == 2  # zzzz is unknown: the report is still given, then exit 2
+    out, err = capsys.readouterr()
+    assert err == "dist-w2v: error: unknown word 'zzzz': not in the vocabulary (6719 words)\n"
+    report = json.loads(out)
     assert set(report) == {"source", "vocab_size", "dim", "benchmarks", "neighbours", "seconds"}
     assert (report["vocab_size"], report["dim"]) == (6719, 20)
     bench = report["benchmarks"]
@@ -259,6 +261,17 @@ def test_eval_text_output(vector_run, capsys):
     out = capsys.readouterr().out
     assert "wordsim353" in out and "217/353" in out
     assert "3013/19544" in out and "chip -> " in out
+
+
+def test_eval_default_probes_skip_words_another_corpus_lacks(tmp_path, capsys):
+    """The default probes are PTB words: a corpus without them is no user mistake."""
+    pytest.importorskip("gensim")
+    vocab = Vocab([UNK, "alpha", "beta", "chip"], np.array([0, 30, 20, 10]))
+    table = np.eye(len(vocab), 4, dtype=np.float32) + 0.1
+    save_outputs(tmp_path, Embeddings(table, table.copy(), vocab))
+    assert main(["eval", "--run-dir", str(tmp_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and list(json.loads(out)["neighbours"]) == ["chip"]
 
 
 def test_eval_without_gensim_says_how_to_install(vector_run, capsys, monkeypatch):
