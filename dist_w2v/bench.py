@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_w2v.atomic import write_text_atomically
 from dist_w2v.errors import UserError
 from dist_w2v.parallel.cores import usable_cores
 
@@ -105,18 +106,31 @@ def trainer_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_bench(args: argparse.Namespace) -> int:
     from dist_w2v.config import load_config
+    from dist_w2v.data.stream import check_shards
+    from dist_w2v.parallel.env import user_dirs
+    from dist_w2v.train.run import check_data
 
     if args.world_size < 1:
         raise UserError("--world-size must be >= 1")
     if args.gensim_workers < 1:
         raise UserError("--gensim-workers must be >= 1")
     cfg = load_config(args.config, trainer_overrides(args))
+    # What would make both children fail, refused before either starts.
+    check_shards(cfg.data, cfg.train.batch_size, args.world_size)
+    check_data(cfg, user_dirs())
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out} is a folder or in none; give a file in an existing folder")
     # Ours evaluates at the end only, or after every epoch for time to quality.
     cfg.eval.every_epochs = 1 if args.ttq is not None else cfg.train.epochs
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dist-w2v-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     config_file = work / "config.yaml"
-    cfg.save(config_file)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        cfg.save(config_file)
+    except OSError as exc:
+        raise UserError(f"cannot write to --work-dir {work} ({exc.strerror or exc}); choose a "
+                        "writable folder") from None
     machine = describe_machine()
     print(f"dist-w2v bench: {machine['line']}; work dir {work}", flush=True)
     results = [run_child("ours", {"config": str(config_file), "run_dir": str(fresh_dir(work)),
@@ -128,9 +142,13 @@ def run_bench(args: argparse.Namespace) -> int:
                                             "every_epoch": args.ttq is not None}, work))
     table = format_table(machine, results, args.ttq)
     print(table)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
-        print(f"wrote {args.out}")
+    if out is not None:
+        try:
+            write_text_atomically(out, table + "\n")
+        except OSError as exc:
+            raise UserError(f"cannot write --out {out} ({exc.strerror or exc}); the table is "
+                            "printed above") from None
+        print(f"wrote {out}")
     return 0 if all(r.ok for r in results if r.system == "dist-w2v") else 1
 
 

@@ -43,3 +43,23 @@ def test_bench_rejects_a_bad_setting_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "dist-w2v: error: config: train.path must be one of fast, padded (got 'bmm')"
     ]
+
+
+def test_bench_refuses_what_would_fail_only_after_training(tmp_path):
+    """A batch the shards cannot split, a corpus that is not there, an --out or --work-dir that
+    cannot be written: one line each, before either system trains."""
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x\n")
+    cases = [
+        (["--batch-size", "100"], "train.batch_size=100 must divide by data.shards=16"),
+        (["data.corpus=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt not found"),
+        (["--out", str(tmp_path / "none" / "bench.md")], "is a folder or in none"),
+        (["--out", str(tmp_path)], "is a folder or in none"),
+        (["--work-dir", str(a_file)], f"cannot write to --work-dir {a_file}"),
+    ]
+    for args, fragment in cases:
+        result = run_cli("bench", "--skip-gensim", "--epochs", "1", *args)
+        assert result.returncode == 2, (args, result.stdout[-500:], result.stderr[-2000:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0], (args, result.stderr[-2000:])
+        assert "dist-w2v bench:" not in result.stdout  # refused before any child started
