@@ -331,6 +331,7 @@ def test_check_passes_silently_and_creates_nothing(corpus, tmp_path):
     (("--resume", "auto", "--overwrite", "data.corpus=/nonexistent.txt"),
      "corpus file /nonexistent.txt not found"),
     (("--resume", "auto", "--overwrite", "train.lr=0"), "train.lr must be > 0"),
+    (("--resume", "auto", "model.dim=8"), "was saved with model.dim=16 but the config says 8"),
 ])
 def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment):
     if extra == ("--resume", "auto"):  # no checkpoint to resume: a fresh start over outputs
@@ -339,6 +340,12 @@ def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment
     assert train_here(*train_args(corpus, run_copy), "--check", *extra) == 2
     assert fragment in one_error_line(capsys.readouterr().err)
     assert snapshot(run_copy) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check passes where CUDA is")
+def test_check_refuses_cuda_where_there_is_none(corpus, tmp_path, capsys):
+    assert train_here(*train_args(corpus, tmp_path / "new"), "--check", "train.device=cuda") == 2
+    assert "no CUDA device is visible" in one_error_line(capsys.readouterr().err)
 
 
 def test_launch_script_checks_once_before_torchrun(run_copy, corpus, tmp_path):

@@ -102,7 +102,12 @@ RUN_DEFINING_KEYS = (
 
 
 def check_compatible(found: Found, corpus: PreparedCorpus, cfg: Config) -> None:
-    """Refuse a checkpoint of another run, naming the setting that differs."""
+    """Refuse a checkpoint of another run, naming what differs."""
+    check_same_corpus(found, corpus)
+    check_same_settings(found, cfg)
+
+
+def check_same_corpus(found: Found, corpus: PreparedCorpus) -> None:
     payload = found.payload
     saved_vocab = payload["vocab"]["idx_to_token"]
     if saved_vocab != corpus.vocab.idx_to_token:
@@ -117,7 +122,11 @@ def check_compatible(found: Found, corpus: PreparedCorpus, cfg: Config) -> None:
             f"{str(payload['corpus'])[:12]}..., this one {corpus.fingerprint[:12]}...); resume "
             "on the same corpus, or start a new --run-dir"
         )
-    saved, current = payload["config"], cfg.to_dict()
+
+
+def check_same_settings(found: Found, cfg: Config) -> None:
+    """Refuse a checkpoint saved with another value of a run-defining setting, naming it."""
+    saved, current = found.payload["config"], cfg.to_dict()
     for key in RUN_DEFINING_KEYS:
         section, name = key.split(".")
         before, now = saved.get(section, {}).get(name), current[section][name]

@@ -24,6 +24,7 @@ from dist_w2v.outputs.metrics import make_logger, start_wandb
 from dist_w2v.parallel.env import (
     DistEnv,
     UserDirs,
+    choose_device,
     distributed,
     on_main_rank,
     on_node_main,
@@ -31,7 +32,7 @@ from dist_w2v.parallel.env import (
 )
 from dist_w2v.train.checkpoint import Checkpointer, Found
 from dist_w2v.train.lock import check_unlocked, run_dir_lock
-from dist_w2v.train.loop import Trainer, check_compatible
+from dist_w2v.train.loop import Trainer, check_compatible, check_same_settings
 from dist_w2v.train.stop import StopRequest, requeue_slurm_job
 
 
@@ -87,17 +88,21 @@ def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
 
 def check_run(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
               overwrite: bool, environ: Mapping[str, str]) -> int:
-    """``train --check``: config, run directory and data, as a run would check them; writes
-    nothing to the run directory and prints nothing when all is well."""
+    """``train --check``: config, device, run directory, the checkpoint to resume and its
+    settings, and that the data is there, as a run would check them; writes nothing to the run
+    directory and prints nothing when all is well. The corpus's contents are read when it is
+    prepared (training's first step), its fit to a checkpoint then too."""
     cfg = load_config(config_path, overrides)
     dirs = user_dirs(environ)
+    choose_device(cfg.train.device, local_rank=0)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     check_unlocked(run_path)
     checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, DistEnv())
     resume = effective_resume(resume, DistEnv(), checkpointer)
     refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
-    if resume not in (None, "auto") and not Path(resume).is_file():
-        raise UserError(f"checkpoint {resume} not found; pass an existing file or --resume auto")
+    found = checkpointer.resolve(resume)
+    if found is not None:
+        check_same_settings(found, cfg)
     check_shards(cfg.data, cfg.train.batch_size, 1)
     check_data(cfg, dirs)
     return 0
