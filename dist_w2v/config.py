@@ -399,6 +399,8 @@ def load_config(
     flat: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config file {path} is a folder; pass a YAML file to --config")
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
         try:

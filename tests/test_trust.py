@@ -387,6 +387,29 @@ def test_empty_corpus_and_non_utf8_config_are_one_line_errors(tmp_path):
     assert f"config file {config} is not UTF-8 text" in one_error_line(result.stderr)
 
 
+def test_a_path_of_the_wrong_kind_is_named_as_such(corpus, tmp_path, capsys):
+    """A folder where a file belongs, or the reverse, is not reported as 'not found'."""
+    folder, a_file = tmp_path / "folder", tmp_path / "file.txt"
+    folder.mkdir()
+    a_file.write_text("x\n")
+    run_dir = str(tmp_path / "run")
+    cases = [
+        (("train", "--config", str(folder), "--check"),
+         f"config file {folder} is a folder; pass a YAML file to --config"),
+        ((*train_args(corpus, run_dir), "--check", f"data.corpus={folder}"),
+         f"data.corpus {folder} is a folder; give one text file, or run `dist-w2v prepare"),
+        ((*train_args(corpus, run_dir), "--check", "data.corpus=null", f"data.prepared={a_file}"),
+         f"prepared corpus {a_file} is a file, not a folder written by `dist-w2v prepare`"),
+        ((*train_args(corpus, run_dir), "--check", "--resume", str(folder)),
+         f"checkpoint {folder} is a folder; pass a checkpoint file"),
+        (("similar", "--run-dir", str(a_file), "chip"),
+         f"{a_file} is a file, not a run directory"),
+    ]
+    for argv, fragment in cases:
+        assert train_here(*argv) == 2, argv
+        assert fragment in one_error_line(capsys.readouterr().err)
+
+
 def test_missing_probe_words_are_named_once(trained):
     said = []
     vocab = Vocab.load(trained / "vocab.json")

@@ -127,6 +127,9 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 def load_prepared(directory: str | Path) -> PreparedCorpus:
     """Open a prepared corpus after checking that every file is the size its manifest says."""
     directory = Path(directory).expanduser()
+    if directory.is_file():
+        raise UserError(f"prepared corpus {directory} is a file, not a folder written by "
+                        "`dist-w2v prepare`; to train on a text file, set data.corpus instead")
     if not directory.is_dir():
         raise UserError(f"prepared corpus {directory} not found; create it with "
                         f"`dist-w2v prepare INPUT --out {directory}`")

@@ -133,6 +133,10 @@ def corpus_path(cfg: DataConfig, dirs: UserDirs) -> Path:
     """The training text: data.corpus when set, else PTB's ptb.train.txt."""
     if cfg.corpus:
         path = Path(cfg.corpus).expanduser()
+        if path.is_dir():
+            raise UserError(f"data.corpus {path} is a folder; give one text file, or run "
+                            f"`dist-w2v prepare {path} --out DIR` and train with "
+                            "data.prepared=DIR")
         if not path.is_file():
             raise UserError(f"corpus file {path} not found; fix data.corpus or leave it unset "
                             "for PTB")

@@ -69,6 +69,9 @@ def save_outputs(run_dir: Path, embeddings: Embeddings) -> None:
 
 def load_run(run_dir: Path) -> Embeddings:
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise UserError(f"{run_dir} is a file, not a run directory; pass the run's folder to "
+                        "--run-dir, or a checkpoint file to --checkpoint")
     if not (run_dir / CENTER_FILE).is_file():
         raise UserError(
             f"{run_dir} holds no trained embeddings ({CENTER_FILE} missing); "

@@ -260,6 +260,9 @@ class Checkpointer:
         if resume == "auto":
             return self.load_latest_valid()
         path = Path(resume)
+        if path.is_dir():
+            raise UserError(f"checkpoint {path} is a folder; pass a checkpoint file, or "
+                            "--resume auto with that run's --run-dir")
         if not path.is_file():
             raise UserError(f"checkpoint {path} not found; pass an existing file or --resume auto")
         return Found(path, read_checkpoint(path))
