@@ -134,7 +134,8 @@ def test_cli_reports_a_corrupt_checkpoint_in_one_line(run_copy, corpus, kept):
                      *resume_args(corpus, run_copy, "--resume", str(path)))
     assert result.returncode == 2
     assert one_error_line(result.stderr) == (
-        f"dist-w2v: error: checkpoint {path} is corrupt or truncated (checksum mismatch)")
+        f"dist-w2v: error: checkpoint {path} is corrupt or truncated (checksum mismatch); resume "
+        "an older checkpoint, or --resume auto, which skips damaged files")
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -142,7 +143,9 @@ def test_similar_reports_a_truncated_checkpoint(run_copy, capsys, kept):
     path = run_copy / "checkpoints" / kept[0]
     truncate(path, path.stat().st_size - 1)
     assert main(["similar", "--checkpoint", str(path), "chip"]) == 2
-    assert str(path) in one_error_line(capsys.readouterr().err)
+    assert one_error_line(capsys.readouterr().err) == (
+        f"dist-w2v: error: checkpoint {path} is corrupt or truncated (checksum mismatch); use "
+        "another checkpoint of the run, or its --run-dir once it has finished")
 
 
 @pytest.mark.parametrize("override, message", [

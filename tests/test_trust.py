@@ -404,6 +404,10 @@ def test_a_path_of_the_wrong_kind_is_named_as_such(corpus, tmp_path, capsys):
          f"checkpoint {folder} is a folder; pass a checkpoint file"),
         (("similar", "--run-dir", str(a_file), "chip"),
          f"{a_file} is a file, not a run directory"),
+        (("similar", "--checkpoint", str(folder), "chip"),
+         f"checkpoint {folder} is a folder; pass a checkpoint file to --checkpoint"),
+        (("export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "npy", "--out",
+          str(tmp_path / "x.npy")), f"checkpoint {tmp_path / 'none.pt'} not found"),
     ]
     for argv, fragment in cases:
         assert train_here(*argv) == 2, argv

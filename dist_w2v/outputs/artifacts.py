@@ -98,9 +98,15 @@ def load_run(run_dir: Path) -> Embeddings:
 def load_checkpoint_embeddings(path: Path) -> Embeddings:
     # Imported here: reading a checkpoint needs torch, whose import costs a run directory's
     # similar / eval / export about 3 s and 300 MB.
-    from dist_w2v.train.checkpoint import read_checkpoint
+    from dist_w2v.train.checkpoint import CorruptCheckpoint, UnsafeCheckpoint, read_checkpoint
 
-    payload = read_checkpoint(path)
+    try:
+        payload = read_checkpoint(path)
+    except UnsafeCheckpoint:
+        raise
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{exc}; use another checkpoint of the run, or its --run-dir "
+                                "once it has finished") from None
     model = payload["model"]
     vocab = Vocab.from_dict(payload["vocab"])
     return Embeddings(
@@ -110,7 +116,14 @@ def load_checkpoint_embeddings(path: Path) -> Embeddings:
 
 def load_embeddings(run_dir: Path | None = None, checkpoint: Path | None = None) -> Embeddings:
     if checkpoint is not None:
-        return load_checkpoint_embeddings(Path(checkpoint))
+        checkpoint = Path(checkpoint)
+        if checkpoint.is_dir():
+            raise UserError(f"checkpoint {checkpoint} is a folder; pass a checkpoint file to "
+                            "--checkpoint, or a finished run's folder to --run-dir")
+        if not checkpoint.is_file():
+            raise UserError(f"checkpoint {checkpoint} not found; pass an existing file to "
+                            "--checkpoint")
+        return load_checkpoint_embeddings(checkpoint)
     if run_dir is None:
         raise UserError("give --run-dir DIR or --checkpoint FILE")
     return load_run(Path(run_dir))

@@ -265,4 +265,10 @@ class Checkpointer:
                             "--resume auto with that run's --run-dir")
         if not path.is_file():
             raise UserError(f"checkpoint {path} not found; pass an existing file or --resume auto")
-        return Found(path, read_checkpoint(path))
+        try:
+            return Found(path, read_checkpoint(path))
+        except UnsafeCheckpoint:
+            raise
+        except CorruptCheckpoint as exc:
+            raise CorruptCheckpoint(f"{exc}; resume an older checkpoint, or --resume auto, which "
+                                    "skips damaged files") from None
