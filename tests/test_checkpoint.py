@@ -6,6 +6,8 @@ on its own copy of that run directory.
 
 from __future__ import annotations
 
+import json
+import re
 import resource
 import shutil
 from pathlib import Path
@@ -159,6 +161,19 @@ def test_a_checkpoint_of_another_run_is_refused(run_copy, corpus, capsys, overri
     assert train(*resume_args(corpus, run_copy, override), "--resume", "auto") == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"checkpoint {run_copy / 'checkpoints' / kept[0]} {message}" in line
+
+
+def test_a_vocabulary_of_the_same_size_is_named_by_its_first_other_word(run_copy, corpus,
+                                                                         tmp_path, capsys, kept):
+    """Another corpus whose vocabulary has as many words: the message must not read "61 words,
+    this corpus gives 61"."""
+    words = json.loads((run_copy / "vocab.json").read_text())["idx_to_token"]
+    renamed = tmp_path / "renamed.txt"  # one word spelled otherwise: same counts, same size
+    renamed.write_text(re.sub(rf"\b{re.escape(words[1])}\b", "zzzrenamed", corpus.read_text()))
+    assert train(*resume_args(renamed, run_copy), "--resume", "auto") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert (f"was trained on a different vocabulary ({len(words)} words in both, but word 1 is "
+            f"{words[1]!r} there and 'zzzrenamed' here)") in line
 
 
 def test_auto_skips_a_corrupt_newest_checkpoint_and_says_so(trained, run_copy, corpus,

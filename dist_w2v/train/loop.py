@@ -112,9 +112,9 @@ def check_same_corpus(found: Found, corpus: PreparedCorpus) -> None:
     saved_vocab = payload["vocab"]["idx_to_token"]
     if saved_vocab != corpus.vocab.idx_to_token:
         raise UserError(
-            f"checkpoint {found.path} was trained on a different vocabulary ({len(saved_vocab)} "
-            f"words, this corpus gives {len(corpus.vocab)}); resume with the same corpus and "
-            "data settings"
+            f"checkpoint {found.path} was trained on a different vocabulary "
+            f"({vocabulary_difference(saved_vocab, corpus.vocab.idx_to_token)}); resume with "
+            "the same corpus and data settings"
         )
     if payload.get("corpus", corpus.fingerprint) != corpus.fingerprint:
         raise UserError(
@@ -122,6 +122,14 @@ def check_same_corpus(found: Found, corpus: PreparedCorpus) -> None:
             f"{str(payload['corpus'])[:12]}..., this one {corpus.fingerprint[:12]}...); resume "
             "on the same corpus, or start a new --run-dir"
         )
+
+
+def vocabulary_difference(saved: list[str], current: list[str]) -> str:
+    if len(saved) != len(current):
+        return f"{len(saved)} words, this corpus gives {len(current)}"
+    index = next(i for i, (a, b) in enumerate(zip(saved, current, strict=True)) if a != b)
+    return (f"{len(saved)} words in both, but word {index} is {saved[index]!r} there and "
+            f"{current[index]!r} here")
 
 
 def check_same_settings(found: Found, cfg: Config) -> None:
