@@ -309,7 +309,8 @@ def test_cache_key_follows_content_and_settings(tmp_path, small_corpus):
                                      said.append)
     assert first.parent == dirs.cache / "prepared"
     assert load_prepared(first).manifest["settings"]["min_count"] == 3
-    assert any("preparing" in s for s in said)
+    assert said[0].startswith(f"preparing {small_corpus} into {first} (once")
+    assert said[1].startswith(f"prepared {first}: ")  # not the temporary folder it was written to
     copy = tmp_path / "elsewhere" / "copy.txt"
     copy.parent.mkdir()
     shutil.copy(small_corpus, copy)

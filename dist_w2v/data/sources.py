@@ -187,7 +187,7 @@ def prepared_dir_for(cfg: DataConfig, dirs: UserDirs,
 
     say(f"preparing {source} into {target} (once; later runs reuse it)")
     try:
-        prepare([source], work, settings, say=say)
+        prepare([source], work, settings, say=lambda line: say(named_as(line, work, target)))
         try:
             os.rename(work, target)
         except OSError:
@@ -197,6 +197,11 @@ def prepared_dir_for(cfg: DataConfig, dirs: UserDirs,
         shutil.rmtree(work, ignore_errors=True)
     load_prepared(target)
     return target
+
+
+def named_as(line: str, work: Path, target: Path) -> str:
+    """prepare's summary names the folder it wrote: a temporary one, renamed to the target."""
+    return line.replace(str(work), str(target))
 
 
 def _usable(directory: Path) -> bool:
