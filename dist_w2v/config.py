@@ -128,7 +128,7 @@ class TrainConfig:
     """sgd: the largest L2 norm one step may move a row (0 = no cap; plain SGD)."""
     seed: int = 0
     """Seeds the tables' initialisation and, unless data_seed is set, every epoch's examples:
-    epoch e is a pure function of (seed, e)."""
+    epoch e is a pure function of (seed, e). 0 to 2**32 - 1."""
     data_seed: int | None = None
     """Seeds the examples alone (subsampling, windows, negatives, their order); unset: seed.
     With it, a study can tell how much of the seed-to-seed spread the initialisation causes."""
