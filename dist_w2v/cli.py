@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from dist_w2v.errors import UserError
 
@@ -96,8 +96,27 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_prepare)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one error line naming the fix, like
+    every other user mistake, instead of a usage dump (``--help`` still gives the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("dist-w2v").strip()
+        say_error(f"{command + ': ' if command else ''}{message}; see `{self.prog} --help`")
+        sys.exit(2)
+
+
+def say_error(message: str) -> None:
+    """One error line on stderr; under torchrun every rank meets the same error, so rank 0
+    alone says it."""
+    from dist_w2v.parallel.env import launch_rank
+
+    if launch_rank(os.environ) == 0:
+        print(f"dist-w2v: error: {message}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-w2v", description=__doc__)
+    parser = OneLineParser(prog="dist-w2v", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_prepare(sub)
@@ -207,7 +226,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        hint = (" (settings are given as section.field=value, e.g. train.epochs=1)"
+                if args.command == "train" and any(a.startswith("--") for a in stray) else "")
+        parser.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args
@@ -218,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        # Under torchrun every rank meets the same error; one line is enough, so rank 0 says it.
-        from dist_w2v.parallel.env import launch_rank
-
-        if launch_rank(os.environ) == 0:
-            print(f"dist-w2v: error: {exc}", file=sys.stderr)
+        say_error(str(exc))
         return 2
     except KeyboardInterrupt:
         print("dist-w2v: interrupted", file=sys.stderr)

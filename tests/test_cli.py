@@ -93,6 +93,26 @@ def test_train_bad_corpus(tmp_path, content, fragment):
     _assert_one_line_error(result, fragment)
 
 
+@pytest.mark.parametrize("argv, start, end", [
+    (["train", "--config", "configs/ptb.yaml", "--epochs", "1"],
+     "unrecognized arguments: --epochs (settings are given as section.field=value, e.g. "
+     "train.epochs=1)", "see `dist-w2v --help`"),
+    (["train"], "train: the following arguments are required: --config",
+     "see `dist-w2v train --help`"),
+    (["similar", "--run-dir", "r", "-k", "abc", "chip"], "similar: argument -k: invalid int",
+     "see `dist-w2v similar --help`"),
+    (["export", "--run-dir", "r", "--format", "csv", "--out", "x"],
+     "export: argument --format: invalid choice", "see `dist-w2v export --help`"),
+])
+def test_command_line_mistakes_are_one_line(argv, start, end):
+    """Not argparse's usage dump: the one error line every other user mistake gets (the middle
+    is argparse's own wording, which varies between Python versions)."""
+    result = run_cli(*argv)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(f"dist-w2v: error: {start}")
+    assert result.stderr.endswith(f"; {end}\n") and result.stderr.count("\n") == 1
+
+
 def test_missing_config_file(tmp_path):
     _assert_one_line_error(run_cli("train", "--config", str(tmp_path / "none.yaml")), "not found")
 
