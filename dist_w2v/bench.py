@@ -106,9 +106,9 @@ def trainer_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_bench(args: argparse.Namespace) -> int:
     from dist_w2v.config import load_config
+    from dist_w2v.data.sources import check_data
     from dist_w2v.data.stream import check_shards
     from dist_w2v.parallel.env import user_dirs
-    from dist_w2v.train.run import check_data
 
     if args.world_size < 1:
         raise UserError("--world-size must be >= 1")
@@ -117,10 +117,12 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, trainer_overrides(args))
     # What would make both children fail, refused before either starts.
     check_shards(cfg.data, cfg.train.batch_size, args.world_size)
-    check_data(cfg, user_dirs())
+    check_data(cfg.data, user_dirs())
     out = Path(args.out) if args.out else None
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise UserError(f"--out {out} is a folder or in none; give a file in an existing folder")
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name for the table")
+    if out is not None and not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} not found; create it first")
     # Ours evaluates at the end only, or after every epoch for time to quality.
     cfg.eval.every_epochs = 1 if args.ttq is not None else cfg.train.epochs
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dist-w2v-bench-"))

@@ -98,11 +98,16 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a mistake on the command line is one error line naming the fix, like
-    every other user mistake, instead of a usage dump (``--help`` still gives the usage)."""
+    every other user mistake, instead of a usage dump (``--help`` still gives the usage).
+
+    Said by every process: asking for the launch rank (say_error) would import torch, seconds
+    for one line; launch/train.sh and slurm/train.sbatch parse the arguments once, in
+    ``train --check``, before any ranks start."""
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("dist-w2v").strip()
-        say_error(f"{command + ': ' if command else ''}{message}; see `{self.prog} --help`")
+        print(f"dist-w2v: error: {command + ': ' if command else ''}{message}; see "
+              f"`{self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 
 
@@ -226,12 +231,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args, extra = parser.parse_known_args(argv)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command != "train"]
     if stray:
-        hint = (" (settings are given as section.field=value, e.g. train.epochs=1)"
-                if args.command == "train" and any(a.startswith("--") for a in stray) else "")
-        parser.error(f"unrecognized arguments: {' '.join(stray)}{hint}")
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(
+            f"unrecognized arguments: {' '.join(stray)}{setting_hint(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     return args
+
+
+def setting_hint(stray: list[str]) -> str:
+    """`` (settings are key=value: train.epochs=VALUE)`` when a stray --option names a setting."""
+    from dist_w2v.config import keys_named
+
+    keys = [key for a in stray if a.startswith("--")
+            for key in keys_named(a[2:].split("=")[0].replace("-", "_"))]
+    return f" (settings are key=value: {', '.join(f'{k}=VALUE' for k in keys)})" if keys else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -324,6 +324,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise UserError(f"config: {key} has an unsupported type {annotation}")
 
 
+def keys_named(name: str) -> list[str]:
+    """The SECTION.FIELD keys whose field is ``name`` (a mistyped --option's likely meaning)."""
+    return [f"{section.name}.{name}" for section in dataclasses.fields(Config)
+            if name in section.default_factory.__dataclass_fields__]  # type: ignore[misc]
+
+
 def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
     section_names = [f.name for f in dataclasses.fields(Config)]
     parts = key.split(".")
@@ -359,17 +365,26 @@ def _flatten_yaml(raw: Any, source: str) -> dict[str, Any]:
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """safe_load's loader, except that a key given twice in one mapping is an error: plain YAML
-    keeps the last, so a second ``train:`` section would silently drop the first."""
+    keeps the last, so a second ``train:`` section would silently drop the first.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+    Checked on the composed nodes, before merge keys (``<<: *base``) are expanded, so that a
+    merged-in key may still be overridden, as YAML means it to be."""
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        seen: set[tuple[str, str]] = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
+                continue  # a complex key is refused when constructed; a merge is no key
+            key = (key_node.tag, key_node.value)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} is given twice", key_node.start_mark)
+                raise yaml.composer.ComposerError(
+                    None, None, f"{key_node.value!r} is given twice", key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep)
+        return node
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def yaml_error_place(exc: yaml.YAMLError) -> str:

@@ -53,8 +53,8 @@ def test_bench_refuses_what_would_fail_only_after_training(tmp_path):
     cases = [
         (["--batch-size", "100"], "train.batch_size=100 must divide by data.shards=16"),
         (["data.corpus=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt not found"),
-        (["--out", str(tmp_path / "none" / "bench.md")], "is a folder or in none"),
-        (["--out", str(tmp_path)], "is a folder or in none"),
+        (["--out", str(tmp_path / "none" / "bench.md")], f"folder {tmp_path / 'none'} not found"),
+        (["--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
         (["--work-dir", str(a_file)], f"cannot write to --work-dir {a_file}"),
     ]
     for args, fragment in cases:

@@ -94,9 +94,11 @@ def test_train_bad_corpus(tmp_path, content, fragment):
 
 
 @pytest.mark.parametrize("argv, start, end", [
-    (["train", "--config", "configs/ptb.yaml", "--epochs", "1"],
-     "unrecognized arguments: --epochs (settings are given as section.field=value, e.g. "
-     "train.epochs=1)", "see `dist-w2v --help`"),
+    (["train", "--config", "configs/ptb.yaml", "--batch-size", "1"],
+     "train: unrecognized arguments: --batch-size (settings are key=value: "
+     "train.batch_size=VALUE)", "see `dist-w2v train --help`"),
+    (["train", "--config", "configs/ptb.yaml", "--chek"], "train: unrecognized arguments: "
+     "--chek", "see `dist-w2v train --help`"),
     (["train"], "train: the following arguments are required: --config",
      "see `dist-w2v train --help`"),
     (["similar", "--run-dir", "r", "-k", "abc", "chip"], "similar: argument -k: invalid int",

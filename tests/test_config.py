@@ -76,6 +76,17 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path, text, where):
     assert str(caught.value) == f"config file {path} is not valid YAML at {where}; fix it there"
 
 
+def test_merge_keys_still_merge_and_may_be_overridden(tmp_path):
+    """Only a key written twice is refused: one a merge brings in may be overridden."""
+    path = tmp_path / "merged.yaml"
+    path.write_text("train:\n  <<: {epochs: 2, lr: 0.5}\n  lr: 0.25\n")
+    cfg = load_config(path)
+    assert (cfg.train.epochs, cfg.train.lr) == (2, 0.25)
+    path.write_text("? [1, 2]\n: a\n")  # a key that is a list: still one line, no traceback
+    with pytest.raises(UserError, match="not valid YAML at line 1, column 3"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("override", ["train.seed=-1", "train.seed=4294967296",
                                       "train.data_seed=99999999999999999999"])
 def test_seeds_outside_32_bits_are_refused(override):

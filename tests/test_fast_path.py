@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import compiled_variants, prepare, ptb_batch
+from conftest import REPO, cli_env, compiled_variants, prepare, ptb_batch
 
 from dist_w2v.config import load_config
 from dist_w2v.data.examples import Batch
@@ -238,3 +238,19 @@ def test_the_trainer_compiles_its_kernels_before_training(ptb, optimizer):
         kernels.append("train.compiled_updates._rowwise_adagrad")
     for kernel in kernels:
         assert counts["setup"][f"dist_w2v.{kernel}"] >= 1, kernel
+
+
+def test_the_kernel_warm_up_stays_inside_a_two_row_vocabulary(tmp_path):
+    """The warm-up example reads rows 1 and 2; with <unk> and one word the tables have two, and
+    the warm-up once read past them (a segfault at times). numba checks bounds only when told
+    to, so it runs in a fresh interpreter with NUMBA_BOUNDSCHECK and a kernel cache of its own."""
+    code = ("from dist_w2v.model.skipgram import SkipGram\n"
+            "model = SkipGram(2, 8, 'fast', 'fused')\n"
+            "before = [t.detach().clone() for t in model.parameters()]\n"
+            "model.warm_up(width=12, num_negatives=5)\n"
+            "assert all((a == b).all() for a, b in zip(before, model.parameters()))\n")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=cli_env({"NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path)}))
+    assert result.returncode == 0, result.stderr[-2000:]
+

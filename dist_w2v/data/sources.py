@@ -147,6 +147,16 @@ def corpus_path(cfg: DataConfig, dirs: UserDirs) -> Path:
 # ------------------------------------------------------------------------- prepared cache
 
 
+def check_data(cfg: DataConfig, dirs: UserDirs) -> None:
+    """The one check that the training data is there without preparing it: a prepared folder
+    that loads, or the text file to prepare (PTB is fetched into its cache when missing, as
+    training would). Raises a one-line UserError."""
+    if cfg.prepared:
+        load_prepared(cfg.prepared)
+    else:
+        corpus_path(cfg, dirs)
+
+
 def settings_for(cfg: DataConfig) -> PrepareSettings:
     return PrepareSettings(min_count=cfg.min_count, max_vocab=cfg.max_vocab,
                            max_sentence_length=cfg.max_sentence_length,

@@ -98,15 +98,10 @@ def load_run(run_dir: Path) -> Embeddings:
 def load_checkpoint_embeddings(path: Path) -> Embeddings:
     # Imported here: reading a checkpoint needs torch, whose import costs a run directory's
     # similar / eval / export about 3 s and 300 MB.
-    from dist_w2v.train.checkpoint import CorruptCheckpoint, UnsafeCheckpoint, read_checkpoint
+    from dist_w2v.train.checkpoint import read_checkpoint
 
-    try:
-        payload = read_checkpoint(path)
-    except UnsafeCheckpoint:
-        raise
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{exc}; use another checkpoint of the run, or its --run-dir "
-                                "once it has finished") from None
+    payload = read_checkpoint(path, fix="use another checkpoint of the run, or its --run-dir "
+                                        "once it has finished")
     model = payload["model"]
     vocab = Vocab.from_dict(payload["vocab"])
     return Embeddings(

@@ -125,11 +125,23 @@ def unsafe_reason(exc: Exception) -> str:
     return f"it asks for {match.group(1)}" if match else "it holds objects that are not tensors"
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and verify one checkpoint file; a one-line CorruptCheckpoint when it is bad.
+def read_checkpoint(path: Path, fix: str | None = None) -> dict[str, Any]:
+    """Load and verify one checkpoint file; a one-line CorruptCheckpoint when it is bad, ending
+    in ``fix`` (what the caller's user can do instead) when given.
 
     Nothing in the file is ever executed: the payload is read with ``weights_only=True``.
     """
+    try:
+        return verified_payload(path)
+    except UnsafeCheckpoint:
+        raise  # its message already says what to do
+    except CorruptCheckpoint as exc:
+        if fix is None:
+            raise
+        raise CorruptCheckpoint(f"{exc}; {fix}") from None
+
+
+def verified_payload(path: Path) -> dict[str, Any]:
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
@@ -265,10 +277,5 @@ class Checkpointer:
                             "--resume auto with that run's --run-dir")
         if not path.is_file():
             raise UserError(f"checkpoint {path} not found; pass an existing file or --resume auto")
-        try:
-            return Found(path, read_checkpoint(path))
-        except UnsafeCheckpoint:
-            raise
-        except CorruptCheckpoint as exc:
-            raise CorruptCheckpoint(f"{exc}; resume an older checkpoint, or --resume auto, which "
-                                    "skips damaged files") from None
+        return Found(path, read_checkpoint(
+            path, fix="resume an older checkpoint, or --resume auto, which skips damaged files"))

@@ -281,7 +281,10 @@ class Trainer:
         epoch = self.state.epoch
         plan = self.stream.start_epoch(epoch, self.state.step)
         if plan.num_examples == 0:  # every rank holds the same all-summed counts
-            raise UserError(NO_EXAMPLES.format(epoch=epoch + 1))
+            if self.state.global_step == 0:
+                raise UserError(NO_EXAMPLES.format(epoch=epoch + 1))
+            # Later, a tiny corpus's draw can come out empty: the run goes on, as it can.
+            self.log.info(f"epoch {epoch + 1} drew no examples (a tiny corpus); nothing to train")
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
         window_examples, window_started = 0, time.perf_counter()

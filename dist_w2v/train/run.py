@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dist_w2v.config import Config, load_config
 from dist_w2v.data.prepared import PreparedCorpus, load_prepared
-from dist_w2v.data.sources import corpus_path, prepared_dir_for
+from dist_w2v.data.sources import check_data, prepared_dir_for
 from dist_w2v.data.stream import check_shards
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
@@ -23,7 +23,6 @@ from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
 from dist_w2v.parallel.env import (
     DistEnv,
-    UserDirs,
     choose_device,
     distributed,
     on_main_rank,
@@ -68,16 +67,6 @@ def refuse_finished_outputs(run_dir: Path, resume: str | None, overwrite: bool,
         )
 
 
-def check_data(cfg: Config, dirs: UserDirs) -> None:
-    """The one check that the training data is there without preparing it: a prepared folder
-    that loads, or the text file to prepare (PTB is fetched into its cache when missing, as
-    training would). Raises a one-line UserError."""
-    if cfg.data.prepared:
-        load_prepared(cfg.data.prepared)
-    else:
-        corpus_path(cfg.data, dirs)
-
-
 @contextlib.contextmanager
 def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
     """Rank 0 holds the run directory's lock for the block; every rank fails if it is taken."""
@@ -104,7 +93,7 @@ def check_run(config_path: str, overrides: list[str], run_dir: str | None, resum
     if found is not None:
         check_same_settings(found, cfg)
     check_shards(cfg.data, cfg.train.batch_size, 1)
-    check_data(cfg, dirs)
+    check_data(cfg.data, dirs)
     return 0
 
 
