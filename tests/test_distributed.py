@@ -24,7 +24,7 @@ from dist_w2v.config import PATHS, Config, load_config
 from dist_w2v.data.examples import Batch
 from dist_w2v.errors import UserError
 from dist_w2v.outputs.metrics import read_metrics
-from dist_w2v.parallel.env import DistEnv, distributed, read_launch_env
+from dist_w2v.parallel.env import DistEnv, distributed, launch_rank, read_launch_env
 from dist_w2v.parallel.exchange import resolve_exchange, wrap_model
 from dist_w2v.train.loop import Trainer
 
@@ -117,6 +117,27 @@ def test_launch_environment_decides_rank_and_world_size():
     assert read_launch_env({}).world_size == 1
     with pytest.raises(UserError, match="MASTER_ADDR/MASTER_PORT"):
         read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"RANK": "0", "WORLD_SIZE": "two"},
+     "environment variable WORLD_SIZE='two' must be an integer >= 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "environment variable RANK='-1' must be an integer >= 0"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "RANK and WORLD_SIZE are set but MASTER_ADDR is not"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "99999"},
+     "MASTER_PORT='99999' is not a port (1-65535)"),
+])
+def test_a_hand_set_launch_environment_is_refused_in_one_line(environ, message):
+    """torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT together; set by hand, a
+    missing or bad one made torch raise a traceback, and the error went unsaid on a rank != 0."""
+    cfg = load_config(None, ["train.device=cpu", "train.threads=1"])
+    with pytest.raises(UserError, match=re.escape(message)):
+        with distributed(cfg, environ):
+            pass
+    assert not dist.is_initialized()
+    assert launch_rank({"RANK": "1"}) == 0  # no WORLD_SIZE: no launch, so rank 0 reports
+    assert launch_rank({"RANK": "5", "WORLD_SIZE": "2"}) == 0
+    assert launch_rank({"RANK": "1", "WORLD_SIZE": "2"}) == 1
 
 
 def test_auto_exchange_is_allgather_on_nccl_and_nccl_refuses_allreduce():

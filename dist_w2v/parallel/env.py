@@ -74,15 +74,33 @@ class LaunchInfo:
     launcher: str  # "torchrun", "slurm" or "none"
 
 
+def launched_by_torchrun(environ: Mapping[str, str]) -> bool:
+    """torchrun (or any env:// launcher) sets both; one alone is no launch."""
+    return "WORLD_SIZE" in environ and "RANK" in environ
+
+
+def environ_int(environ: Mapping[str, str], name: str, default: str, low: int = 0) -> int:
+    """A launcher's integer variable, or a one-line error naming it."""
+    raw = environ.get(name, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise UserError(f"environment variable {name}={raw!r} must be an integer >= {low}; launch "
+                        "with torchrun (or srun), which sets it, or unset it")
+    return value
+
+
 def read_launch_env(environ: Mapping[str, str]) -> LaunchInfo:
     """Ranks from torchrun's variables, else a multi-task srun's, else a single process."""
-    if "WORLD_SIZE" in environ and "RANK" in environ:
-        world_size = int(environ["WORLD_SIZE"])
+    if launched_by_torchrun(environ):
+        world_size = environ_int(environ, "WORLD_SIZE", "1", low=1)
         return LaunchInfo(
-            rank=int(environ["RANK"]),
-            local_rank=int(environ.get("LOCAL_RANK", "0")),
+            rank=environ_int(environ, "RANK", "0"),
+            local_rank=environ_int(environ, "LOCAL_RANK", "0"),
             world_size=world_size,
-            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+            local_world_size=environ_int(environ, "LOCAL_WORLD_SIZE", str(world_size), low=1),
             launcher="torchrun",
         )
     if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
@@ -105,8 +123,10 @@ def launch_rank(environ: Mapping[str, str]) -> int:
     """This process's global rank as its launcher set it (0 without one, or when unreadable);
     cheap and never raising, for deciding who reports an error."""
     try:
-        if "RANK" in environ:
-            return int(environ["RANK"])
+        if launched_by_torchrun(environ):
+            rank = int(environ["RANK"])
+            # A rank the world size cannot hold is a hand-set mistake, whose error must show.
+            return rank if 0 <= rank < int(environ["WORLD_SIZE"]) else 0
         if int(environ.get("SLURM_NTASKS", "1")) > 1:
             return int(environ.get("SLURM_PROCID", "0"))
     except ValueError:
@@ -202,6 +222,7 @@ def init_distributed(
         dist.init_process_group(backend, store=store, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timeout)
     else:
+        check_rendezvous_address(environ)
         # torchrun keeps one TCPStore across worker restarts (--max-restarts), and a restarted
         # group would read the peer addresses the dead attempt left there and dial dead ports
         # ("Connection refused"); a key prefix per attempt gives every attempt clean keys.
@@ -212,6 +233,19 @@ def init_distributed(
                                 world_size=launch.world_size, timeout=timeout)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, launch.local_world_size,
                    device, backend, restarts)
+
+
+def check_rendezvous_address(environ: Mapping[str, str]) -> None:
+    """env:// reads MASTER_ADDR and MASTER_PORT; torchrun always sets them, a hand-set RANK and
+    WORLD_SIZE may not, and torch then raises a traceback."""
+    if not environ.get("MASTER_ADDR"):
+        raise UserError("RANK and WORLD_SIZE are set but MASTER_ADDR is not; launch with "
+                        "torchrun, which sets all of them, or unset RANK and WORLD_SIZE to train "
+                        "in one process")
+    port = environ.get("MASTER_PORT", "")
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"MASTER_PORT={port!r} is not a port (1-65535); launch with torchrun, "
+                        "which sets it, or set a free port")
 
 
 def teardown(env: DistEnv) -> None:
