@@ -23,6 +23,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="replace a finished run's outputs in --run-dir (otherwise refused)")
     p.add_argument("--check", action="store_true",
                    help="only check the config, the run dir and the data, then exit (0 = ok)")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="with --check: check as for a run of N processes (the launch scripts "
+                        "pass theirs; a run's own comes from its launcher)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=1")
     p.set_defaults(func=cmd_train)
 
@@ -137,7 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.check:
         return check_run(args.config, args.overrides, args.run_dir, args.resume, args.overwrite,
-                         os.environ)
+                         os.environ, args.world_size)
+    if args.world_size != 1:
+        raise UserError("--world-size goes with --check; a run's world size comes from its "
+                        "launcher (torchrun --nproc_per_node, srun)")
     return run_train(args.config, args.overrides, args.run_dir, args.resume, os.environ,
                      overwrite=args.overwrite)
 

@@ -8,8 +8,9 @@
 # NPROC processes takes batch_size / NPROC examples per step, so a config trains the same run on
 # any number of processes (the batch size must divide by NPROC).
 #
-# The arguments are checked once (`dist-w2v train --check`: config, run dir, data) before
-# torchrun starts, so a mistake is one line here rather than one per worker.
+# The arguments are checked once (`dist-w2v train --check --world-size NPROC`: config, device,
+# backend, shard split, run dir, data) before torchrun starts, so a mistake is one line here
+# rather than one per worker followed by torchrun's own report.
 set -euo pipefail
 
 # GPUs CUDA will show the workers: CUDA_VISIBLE_DEVICES when it is set (CUDA stops at the first
@@ -34,7 +35,12 @@ if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(visible_gpus)
   if (( NPROC == 0 )); then NPROC=2; fi
 fi
+if ! [[ "$NPROC" =~ ^[1-9][0-9]*$ ]]; then
+  echo "dist-w2v: error: NPROC=$NPROC must be a whole number of processes >= 1 (or unset:" \
+    "one per GPU, else 2)" >&2
+  exit 2
+fi
 
-dist-w2v train --check "$@"
+dist-w2v train --check --world-size "$NPROC" "$@"
 
 exec torchrun --standalone --nproc_per_node="$NPROC" -m dist_w2v.cli train "$@"

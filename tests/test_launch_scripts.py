@@ -108,8 +108,18 @@ def torchrun_line(nproc: int) -> list[str]:
 def test_launch_script_runs_torchrun_with_one_process_per_visible_gpu(stubs, env, nproc):
     calls = run_script(LAUNCH, TRAIN_ARGS, stubs, **env)
     assert calls[-1] == torchrun_line(nproc)
-    assert calls[-2] == ["dist-w2v", "train", "--check", *TRAIN_ARGS]  # checked once, first
+    # Checked once, first, as for the run's number of processes.
+    assert calls[-2] == ["dist-w2v", "train", "--check", "--world-size", str(nproc), *TRAIN_ARGS]
     assert [c[0] for c in calls[:-2]] in ([], ["nvidia-smi"])
+
+
+@pytest.mark.parametrize("nproc", ["abc", "0", "-2", "2.5"])
+def test_launch_script_refuses_a_bad_process_count_in_one_line(stubs, nproc):
+    """torchrun would answer with a traceback (ValueError, AssertionError)."""
+    result, calls = run_script_result(LAUNCH, TRAIN_ARGS, stubs, NPROC=nproc)
+    assert result.returncode == 2 and calls == []
+    assert result.stderr == (f"dist-w2v: error: NPROC={nproc} must be a whole number of "
+                             "processes >= 1 (or unset: one per GPU, else 2)\n")
 
 
 def sbatch_directives() -> list[str]:
@@ -141,8 +151,11 @@ def srun_line(nodes: int, nproc: int, head: str, job_id: str, port: int) -> list
     ]
 
 
-# The job checks config, data and run dir once, before srun (a requeued attempt resumes).
-SBATCH_CHECK = ["dist-w2v", "train", "--check", "--resume", "auto", *TRAIN_ARGS]
+def sbatch_check(world_size: int) -> list[str]:
+    """The job checks config, data and run dir once, before srun, for all nodes' processes
+    (a requeued attempt resumes)."""
+    return ["dist-w2v", "train", "--check", "--world-size", str(world_size), "--resume", "auto",
+            *TRAIN_ARGS]
 
 
 def test_sbatch_one_node_takes_gpu_count_from_the_driver(stubs):
@@ -150,7 +163,7 @@ def test_sbatch_one_node_takes_gpu_count_from_the_driver(stubs):
                        SLURM_JOB_NODELIST="gpu01", STUB_HOSTS="gpu01", STUB_GPUS="8")
     assert calls == [
         ["nvidia-smi", "-L"],
-        SBATCH_CHECK,
+        sbatch_check(8),
         ["scontrol", "show", "hostnames", "gpu01"],
         srun_line(nodes=1, nproc=8, head="gpu01", job_id="777", port=15777),
     ]
@@ -161,7 +174,7 @@ def test_sbatch_two_nodes_rendezvous_at_the_first_host(stubs):
                        SLURM_JOB_NODELIST="node[07-08]", STUB_HOSTS="node07,node08",
                        SLURM_GPUS_ON_NODE="4")
     assert calls == [
-        SBATCH_CHECK,
+        sbatch_check(8),
         ["scontrol", "show", "hostnames", "node[07-08]"],
         srun_line(nodes=2, nproc=4, head="node07", job_id="4242", port=19242),
     ]

@@ -332,6 +332,11 @@ def test_check_passes_silently_and_creates_nothing(corpus, tmp_path):
      "corpus file /nonexistent.txt not found"),
     (("--resume", "auto", "--overwrite", "train.lr=0"), "train.lr must be > 0"),
     (("--resume", "auto", "model.dim=8"), "was saved with model.dim=16 but the config says 8"),
+    (("--resume", "auto", "--overwrite", "--world-size", "3"),
+     "data.shards=16 must divide by the world size 3"),
+    (("--resume", "auto", "--overwrite", "--world-size", "2", "dist.grad_exchange=allreduce",
+      "dist.backend=nccl"), "dist.backend=nccl needs CUDA devices"),
+    (("--resume", "auto", "--overwrite", "--world-size", "0"), "--world-size must be >= 1"),
 ])
 def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment):
     if extra == ("--resume", "auto"):  # no checkpoint to resume: a fresh start over outputs
@@ -346,6 +351,13 @@ def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment
 def test_check_refuses_cuda_where_there_is_none(corpus, tmp_path, capsys):
     assert train_here(*train_args(corpus, tmp_path / "new"), "--check", "train.device=cuda") == 2
     assert "no CUDA device is visible" in one_error_line(capsys.readouterr().err)
+
+
+def test_world_size_is_an_option_of_check_only(corpus, tmp_path, capsys):
+    """A run's world size is its launcher's; given to a run, it would be silently ignored."""
+    assert train_here(*train_args(corpus, tmp_path / "new"), "--world-size", "2") == 2
+    assert "--world-size goes with --check" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "new").exists()
 
 
 def test_launch_script_checks_once_before_torchrun(run_copy, corpus, tmp_path):

@@ -23,12 +23,14 @@ from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
 from dist_w2v.parallel.env import (
     DistEnv,
+    choose_backend,
     choose_device,
     distributed,
     on_main_rank,
     on_node_main,
     user_dirs,
 )
+from dist_w2v.parallel.exchange import resolve_exchange
 from dist_w2v.train.checkpoint import Checkpointer, Found
 from dist_w2v.train.lock import check_unlocked, run_dir_lock
 from dist_w2v.train.loop import Trainer, check_compatible, check_same_settings
@@ -76,14 +78,19 @@ def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
 
 
 def check_run(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
-              overwrite: bool, environ: Mapping[str, str]) -> int:
-    """``train --check``: config, device, run directory, the checkpoint to resume and its
-    settings, and that the data is there, as a run would check them; writes nothing to the run
-    directory and prints nothing when all is well. The corpus's contents are read when it is
-    prepared (training's first step), its fit to a checkpoint then too."""
+              overwrite: bool, environ: Mapping[str, str], world_size: int = 1) -> int:
+    """``train --check``: config, device (and for ``world_size`` > 1 the backend, the exchange
+    and the shard split), run directory, the checkpoint to resume and its settings, and that
+    the data is there, as a run of ``world_size`` processes would check them; writes nothing to
+    the run directory and prints nothing when all is well. The corpus's contents are read when
+    it is prepared (training's first step), its fit to a checkpoint then too."""
     cfg = load_config(config_path, overrides)
+    if world_size < 1:
+        raise UserError(f"--world-size must be >= 1 (got {world_size})")
     dirs = user_dirs(environ)
-    choose_device(cfg.train.device, local_rank=0)
+    device = choose_device(cfg.train.device, local_rank=0)
+    if world_size > 1:
+        resolve_exchange(cfg.dist.grad_exchange, choose_backend(cfg.dist.backend, device))
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     check_unlocked(run_path)
     checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, DistEnv())
@@ -92,7 +99,7 @@ def check_run(config_path: str, overrides: list[str], run_dir: str | None, resum
     found = checkpointer.resolve(resume)
     if found is not None:
         check_same_settings(found, cfg)
-    check_shards(cfg.data, cfg.train.batch_size, 1)
+    check_shards(cfg.data, cfg.train.batch_size, world_size)
     check_data(cfg.data, dirs)
     return 0
 
