@@ -115,12 +115,16 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def say_error(message: str) -> None:
-    """One error line on stderr; under torchrun every rank meets the same error, so rank 0
+    say_once(f"dist-w2v: error: {message}")
+
+
+def say_once(line: str) -> None:
+    """A line on stderr; under torchrun every rank meets the same error (or Ctrl-C), so rank 0
     alone says it."""
     from dist_w2v.parallel.env import launch_rank
 
     if launch_rank(os.environ) == 0:
-        print(f"dist-w2v: error: {message}", file=sys.stderr)
+        print(line, file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         say_error(str(exc))
         return 2
     except KeyboardInterrupt:
-        print("dist-w2v: interrupted", file=sys.stderr)
+        say_once("dist-w2v: interrupted; the checkpoints saved so far are kept (SIGTERM stops "
+                 "with one more)")
         return 130
     except BrokenPipeError:
         # `dist-w2v eval | head`: the reader left early, which is no error of ours. Point stdout

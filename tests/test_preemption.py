@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,27 @@ def test_sigterm_checkpoints_and_exits_cleanly_without_requeue(small_corpus, tmp
     assert read_checkpoint(run_dir / "checkpoints" / f"step-{step:09d}.pt")["state"][
         "global_step"] == step
     assert not calls.exists()  # SIGTERM (scancel, time limit) saves but does not requeue
+
+
+def test_ctrl_c_under_torchrun_says_so_once_and_keeps_the_checkpoints(small_corpus, tmp_path):
+    """Ctrl-C reaches every process of the launch: the run stops at once, without a new
+    checkpoint; one line says so (not one per rank), and the saved checkpoints stay good."""
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    command = train_command(2, "--run-dir", str(run_dir), f"data.corpus={small_corpus}", *TINY,
+                            MANY_EPOCHS, "log.every_steps=5", "ckpt.every_steps=5")
+    with launched(command, log) as proc:
+        wait_for_step_line(run_dir, proc)
+        while not list((run_dir / "checkpoints").glob("step-*.pt")):
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        signal_all(proc, signal.SIGINT)
+        code = proc.wait(timeout=120)
+        out = log.read_text()
+        assert alive(proc) == [], "a worker outlived torchrun"
+    assert code != 0
+    assert out.count("dist-w2v: interrupted; the checkpoints saved so far are kept") == 1, out
+    for path in (run_dir / "checkpoints").glob("step-*.pt"):
+        read_checkpoint(path)  # raises for a damaged one
 
 
 # -- the pieces slurm/train.sbatch relies on ------------------------------------------------------
