@@ -194,8 +194,12 @@ def test_auto_refuses_when_no_checkpoint_is_valid(run_copy, corpus, capsys, kept
     for name in kept:
         flip_byte(run_copy / "checkpoints" / name)
     assert train(*resume_args(corpus, run_copy), "--resume", "auto") == 2
-    line = one_error_line(capsys.readouterr().err)
-    assert f"no valid checkpoint in {run_copy / 'checkpoints'} (3 found, none readable)" in line
+    out, err = capsys.readouterr()
+    assert f"no valid checkpoint in {run_copy / 'checkpoints'} (3 found, none readable)" in (
+        one_error_line(err))
+    skipped = [line for line in out.splitlines() if line.startswith("skipping checkpoint")]
+    assert [line.endswith("; trying the previous checkpoint") for line in skipped] == [
+        True, True, False]  # the oldest has none before it
 
 
 def test_resuming_an_older_checkpoint_sets_newer_ones_aside(trained, run_copy, corpus,

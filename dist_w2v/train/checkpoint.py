@@ -251,13 +251,14 @@ class Checkpointer:
         since starting fresh then would silently throw the run away.
         """
         candidates = self.checkpoints()
-        for path in candidates:
+        for number, path in enumerate(candidates, start=1):
             try:
                 return Found(path, read_checkpoint(path))
             except UnsafeCheckpoint:
                 raise
             except CorruptCheckpoint as exc:
-                self.say(f"skipping {exc}; trying the previous checkpoint")
+                older = "; trying the previous checkpoint" if number < len(candidates) else ""
+                self.say(f"skipping {exc}{older}")
         if candidates:
             raise UserError(
                 f"no valid checkpoint in {self.directory} ({len(candidates)} found, none "
