@@ -363,28 +363,44 @@ def _flatten_yaml(raw: Any, source: str) -> dict[str, Any]:
     return flat
 
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load's loader, except that a key given twice in one mapping is an error: plain YAML
-    keeps the last, so a second ``train:`` section would silently drop the first.
-
-    Checked on the composed nodes, before merge keys (``<<: *base``) are expanded, so that a
-    merged-in key may still be overridden, as YAML means it to be."""
-
-    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
-        node = super().compose_mapping_node(anchor)
-        seen: set[tuple[str, str]] = set()
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == MERGE_TAG:
-                continue  # a complex key is refused when constructed; a merge is no key
-            key = (key_node.tag, key_node.value)
-            if key in seen:
-                raise yaml.composer.ComposerError(
-                    None, None, f"{key_node.value!r} is given twice", key_node.start_mark)
-            seen.add(key)
-        return node
+def read_yaml(text: str) -> Any:
+    """safe_load, except that a key given twice in one mapping is an error: plain YAML keeps
+    the last, so a second ``train:`` section would silently drop the first."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        refuse_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def refuse_duplicate_keys(node: yaml.Node, seen_nodes: set[int] | None = None) -> None:
+    """Checked on the composed nodes, before merge keys (``<<: *base``) are expanded, so that a
+    merged-in key may still be overridden, as YAML means it to be."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[tuple[str, str]] = set()
+        for key_node, value_node in node.value:
+            # A complex key is refused when constructed; a merge is no key of its own.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != MERGE_TAG:
+                key = (key_node.tag, key_node.value)
+                if key in keys:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"{key_node.value!r} is given twice", key_node.start_mark)
+                keys.add(key)
+            refuse_duplicate_keys(value_node, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            refuse_duplicate_keys(item, seen_nodes)
 
 
 def yaml_error_place(exc: yaml.YAMLError) -> str:
@@ -419,7 +435,7 @@ def load_config(
         if not path.is_file():
             raise UserError(f"config file {path} not found; pass an existing YAML file to --config")
         try:
-            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+            raw = read_yaml(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as exc:
             raise UserError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it "
                             "as UTF-8") from None
