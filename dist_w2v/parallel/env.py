@@ -88,7 +88,7 @@ def environ_int(environ: Mapping[str, str], name: str, default: str, low: int = 
         value = low - 1
     if value < low:
         raise UserError(f"environment variable {name}={raw!r} must be an integer >= {low}; launch "
-                        "with torchrun (or srun), which sets it, or unset it")
+                        "with torchrun, which sets it, or unset it")
     return value
 
 

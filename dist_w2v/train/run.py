@@ -79,9 +79,9 @@ def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
 
 def check_run(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
               overwrite: bool, environ: Mapping[str, str], world_size: int = 1) -> int:
-    """``train --check``: config, device (and for ``world_size`` > 1 the backend, the exchange
-    and the shard split), run directory, the checkpoint to resume and its settings, and that
-    the data is there, as a run of ``world_size`` processes would check them; writes nothing to
+    """``train --check``: config, device, the shard split of ``world_size`` processes (and for
+    more than one their backend and exchange), run directory, the checkpoint to resume and its
+    settings, and that the data is there, as such a run would check them; writes nothing to
     the run directory and prints nothing when all is well. The corpus's contents are read when
     it is prepared (training's first step), its fit to a checkpoint then too."""
     cfg = load_config(config_path, overrides)
