@@ -207,8 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bad is not None:
         raise UserError(f"{args.run_dir or args.checkpoint}: the {bad}; the run diverged, so "
                         "there is nothing to evaluate (retrain with a lower train.lr)")
-    if args.probes is None:  # the defaults suit PTB; another corpus may lack some of them
-        probes, unknown = [w for w in EvalConfig().probes if emb.vocab[w] != 0], []
+    if args.probes is None:  # PTB words: another corpus may lack some, which are skipped
+        probes, unknown = EvalConfig().probes, []
     else:
         probes = [w for w in args.probes.split(",") if w]
         unknown = report_unknown_words(probes, emb.vocab)
