@@ -251,11 +251,18 @@ def test_sbatch_finished_or_failed_run_is_not_requeued(tmp_path, stubs):
     assert not marker.exists()
 
 
-def test_sbatch_outside_slurm_names_the_problem(stubs):
+@pytest.mark.parametrize("slurm_env, missing", [
+    ({}, "SLURM_JOB_ID"),
+    ({"SLURM_JOB_ID": "5"}, "SLURM_JOB_NODELIST"),
+    ({"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n1"}, "SLURM_NNODES"),
+])
+def test_sbatch_outside_slurm_names_the_problem(stubs, slurm_env, missing):
     result = subprocess.run([BASH, str(SBATCH)], capture_output=True, text=True, timeout=30,
-                            env={"PATH": str(stubs), "STUB_LOG": os.devnull})
-    assert result.returncode != 0
-    assert "SLURM_JOB_ID: submit this script with sbatch" in result.stderr
+                            env={"PATH": str(stubs), "STUB_LOG": os.devnull, **slurm_env})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"dist-w2v: error: {missing} is not set: this is a SLURM batch script; submit it with "
+        "`sbatch slurm/train.sbatch ...` (for local GPUs use launch/train.sh)"]
 
 
 # -- the sbatch line for real: SIGUSR2 checkpoints, requeues, and torchrun survives ---------------
