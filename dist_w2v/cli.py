@@ -266,8 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         say_error(str(exc))
         return 2
     except KeyboardInterrupt:
-        say_once("dist-w2v: interrupted; the checkpoints saved so far are kept (SIGTERM stops "
-                 "with one more)")
+        # Only train has checkpoints to speak of; prepare's and export's writes are atomic.
+        kept = ("; the checkpoints saved so far are kept (SIGTERM stops with one more)"
+                if args.command == "train" else "")
+        say_once(f"dist-w2v: interrupted{kept}")
         return 130
     except BrokenPipeError:
         # `dist-w2v eval | head`: the reader left early, which is no error of ours. Point stdout

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from conftest import SMOKE, run_cli
 
+from dist_w2v import cli
 from dist_w2v.outputs.metrics import read_metrics
 
 
@@ -135,3 +136,16 @@ def test_max_steps_stops_the_run_and_still_writes_its_outputs(tmp_path, small_co
     (epoch,) = [r for r in records if r["kind"] == "epoch"]
     assert epoch["complete"] is False and epoch["center_words"] == 7 * 64
     assert (run_dir / "center.npy").is_file()
+
+
+def test_ctrl_c_outside_train_does_not_speak_of_checkpoints(tmp_path, monkeypatch, capsys):
+    from dist_w2v.data import prepare as prepare_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "prepare", interrupted)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n")
+    assert cli.main(["prepare", str(corpus), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.strip() == "dist-w2v: interrupted"

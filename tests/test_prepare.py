@@ -293,6 +293,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         run_cli("prepare", str(rare), "--out", str(blocker / "sub")))
     assert "min_count" in one_line_error(
         run_cli("prepare", str(rare), "--out", str(tmp_path / "o5"), "--min-count", "0"))
+    # A flipped byte in the deflate stream: zlib's own error, not gzip's (no OSError).
+    damaged = bytearray(gzip.compress(b"some words here\n" * 2000))
+    damaged[14] ^= 0xFF
+    corrupt = tmp_path / "corrupt.txt.gz"
+    corrupt.write_bytes(bytes(damaged))
+    assert "cannot read input" in one_line_error(
+        run_cli("prepare", str(corrupt), "--out", str(tmp_path / "o6")))
 
 
 # ------------------------------------------------------------------------------ the cache

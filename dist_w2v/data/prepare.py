@@ -43,6 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,7 +159,8 @@ def _file_pieces(path: Path, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
                     carry, line_open = data[cut:], True
                 else:
                     carry = data  # one token longer than a block: read on
-    except (OSError, EOFError, lzma.LZMAError) as exc:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+        # zlib.error (corrupt deflate data in a .gz) is no OSError, unlike gzip's own errors.
         raise UserError(f"cannot read input {path}: {exc}") from None
     if carry or line_open:  # the last line, without its newline
         yield carry + b"\n", False
