@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         say_error(str(exc))
         return 2
     except KeyboardInterrupt:
-        # Only train has checkpoints to speak of; prepare's and export's writes are atomic.
+        # Only train has checkpoints to speak of.
         kept = ("; the checkpoints saved so far are kept (SIGTERM stops with one more)"
                 if args.command == "train" else "")
         say_once(f"dist-w2v: interrupted{kept}")
