@@ -111,14 +111,11 @@ def load_checkpoint_embeddings(path: Path) -> Embeddings:
 
 def load_embeddings(run_dir: Path | None = None, checkpoint: Path | None = None) -> Embeddings:
     if checkpoint is not None:
-        checkpoint = Path(checkpoint)
-        if checkpoint.is_dir():
-            raise UserError(f"checkpoint {checkpoint} is a folder; pass a checkpoint file to "
-                            "--checkpoint, or a finished run's folder to --run-dir")
-        if not checkpoint.is_file():
-            raise UserError(f"checkpoint {checkpoint} not found; pass an existing file to "
-                            "--checkpoint")
-        return load_checkpoint_embeddings(checkpoint)
+        from dist_w2v.train.checkpoint import checkpoint_file
+
+        return load_checkpoint_embeddings(checkpoint_file(
+            Path(checkpoint), if_folder="pass a checkpoint file to --checkpoint, or a finished "
+            "run's folder to --run-dir", if_missing="pass an existing file to --checkpoint"))
     if run_dir is None:
         raise UserError("give --run-dir DIR or --checkpoint FILE")
     return load_run(Path(run_dir))

@@ -125,6 +125,15 @@ def unsafe_reason(exc: Exception) -> str:
     return f"it asks for {match.group(1)}" if match else "it holds objects that are not tensors"
 
 
+def checkpoint_file(path: Path, if_folder: str, if_missing: str) -> Path:
+    """``path`` when it is a file; else a one-line error ending in the caller's advice."""
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; {if_folder}")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found; {if_missing}")
+    return path
+
+
 def read_checkpoint(path: Path, fix: str | None = None) -> dict[str, Any]:
     """Load and verify one checkpoint file; a one-line CorruptCheckpoint when it is bad, ending
     in ``fix`` (what the caller's user can do instead) when given.
@@ -272,11 +281,8 @@ class Checkpointer:
             return None
         if resume == "auto":
             return self.load_latest_valid()
-        path = Path(resume)
-        if path.is_dir():
-            raise UserError(f"checkpoint {path} is a folder; pass a checkpoint file, or "
-                            "--resume auto with that run's --run-dir")
-        if not path.is_file():
-            raise UserError(f"checkpoint {path} not found; pass an existing file or --resume auto")
+        path = checkpoint_file(
+            Path(resume), if_folder="pass a checkpoint file, or --resume auto with that run's "
+            "--run-dir", if_missing="pass an existing file or --resume auto")
         return Found(path, read_checkpoint(
             path, fix="resume an older checkpoint, or --resume auto, which skips damaged files"))
