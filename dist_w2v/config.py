@@ -443,10 +443,33 @@ def load_config(
             raise UserError(f"config file {path} is not valid YAML{yaml_error_place(exc)}; fix "
                             "it there") from None
         flat.update(_flatten_yaml(raw, str(path)))
+    given: list[str] = []
     for text in overrides:
         key, value = parse_override(text)
         flat[key] = value
-    return _build(flat)
+        given.append(key)
+    cfg = _build(flat)
+    refuse_unused_overrides(cfg, given)
+    return cfg
+
+
+PREPARE_SETTINGS = ("min_count", "max_vocab", "max_sentence_length", "max_sentences")
+"""data.* settings that decide a prepared corpus, and so do nothing with data.prepared."""
+
+
+def refuse_unused_overrides(cfg: Config, keys: list[str]) -> None:
+    """A setting asked for on the command line that the run would ignore is refused, not
+    recorded in config.yaml as if it had been used. (A config file's own values of them,
+    min_count in every shipped config, are for PTB and data.corpus.)"""
+    if not cfg.data.prepared:
+        return
+    for key in keys:
+        section, _, name = key.partition(".")
+        if section == "data" and name in PREPARE_SETTINGS:
+            raise UserError(f"config: {key} does nothing with data.prepared (that folder's "
+                            "vocabulary and sentences were fixed by `dist-w2v prepare`); "
+                            f"prepare again with --{name.replace('_', '-')} and train on the "
+                            f"new folder, or drop {key}")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -47,6 +47,18 @@ def test_bad_overrides_name_the_key_and_the_choices(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("key", ["min_count", "max_vocab", "max_sentence_length",
+                                 "max_sentences"])
+def test_a_prepare_setting_given_with_data_prepared_is_refused_not_ignored(key):
+    """These decide a prepared corpus; with data.prepared they would do nothing, yet
+    config.yaml would record them as the run's."""
+    with pytest.raises(UserError, match=f"data.{key} does nothing with data.prepared"):
+        load_config(REPO / "configs" / "ptb.yaml", ["data.prepared=/x", f"data.{key}=3"])
+    # The file's own min_count (for PTB) is no request of the user's; PTB may take the key.
+    assert load_config(REPO / "configs" / "ptb.yaml", ["data.prepared=/x"]).data.min_count == 10
+    assert getattr(load_config(REPO / "configs" / "ptb.yaml", [f"data.{key}=3"]).data, key) == 3
+
+
 def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epoch: 3\n")
