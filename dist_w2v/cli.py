@@ -95,7 +95,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="read only the first N lines (0 = all; default); for smoke runs")
     p.add_argument("--workers", type=int, default=0,
                    help="threads (default: the cores this process may use)")
-    p.add_argument("--force", action="store_true", help="prepare again even if up to date")
+    p.add_argument("--force", action="store_true",
+                   help="prepare again even if up to date, or into a folder of other files")
     p.set_defaults(func=cmd_prepare)
 
 

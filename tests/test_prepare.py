@@ -9,18 +9,26 @@ import gzip
 import lzma
 import os
 import random
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+import torch
+from conftest import REPO, cli_env, run_cli
 
 from dist_w2v.config import DataConfig
 from dist_w2v.data import prepare as prepare_module
 from dist_w2v.data import sources
+from dist_w2v.data.examples import ExampleBuilder
 from dist_w2v.data.prepare import prepare
 from dist_w2v.data.prepared import PreparedWriter, PrepareSettings, load_prepared
+from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.errors import UserError
 from dist_w2v.parallel.env import UserDirs
 
@@ -229,11 +237,11 @@ def test_max_vocab_keeps_the_most_frequent(tmp_path, small_corpus, text):
 # ------------------------------------------------------------------ failures and integrity
 
 
-def test_interrupted_prepare_leaves_nothing_training_accepts(tmp_path, small_corpus,
-                                                             monkeypatch):
+def test_an_interrupted_prepare_leaves_the_previous_corpus_as_it_was(tmp_path, small_corpus,
+                                                                    monkeypatch):
     out = tmp_path / "out"
     quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
-    load_prepared(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     calls = []
 
     def failing_add(self, tokens, lengths):
@@ -244,9 +252,8 @@ def test_interrupted_prepare_leaves_nothing_training_accepts(tmp_path, small_cor
     with pytest.raises(KeyboardInterrupt):
         quiet_prepare([small_corpus], out, PrepareSettings(min_count=3))
     assert calls
-    with pytest.raises(UserError, match="interrupted"):
-        load_prepared(out)
-    assert not list(out.glob(".prepare-spill-*"))  # the temporary folder is gone
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no spill, no temp files
+    assert load_prepared(out).manifest["settings"]["min_count"] == 2
 
 
 def test_damaged_files_are_refused(tmp_path, small_corpus):
@@ -291,7 +298,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     blocker.write_text("x")
     assert "cannot write to --out" in one_line_error(
         run_cli("prepare", str(rare), "--out", str(blocker / "sub")))
-    assert "min_count" in one_line_error(
+    assert "--min-count (data.min_count) must be >= 1" in one_line_error(
         run_cli("prepare", str(rare), "--out", str(tmp_path / "o5"), "--min-count", "0"))
     # A flipped byte in the deflate stream: zlib's own error, not gzip's (no OSError).
     damaged = bytearray(gzip.compress(b"some words here\n" * 2000))
@@ -300,6 +307,197 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     corrupt.write_bytes(bytes(damaged))
     assert "cannot read input" in one_line_error(
         run_cli("prepare", str(corrupt), "--out", str(tmp_path / "o6")))
+
+
+# ------------------------------------------------- one writer, and what training checks
+
+
+def test_a_second_prepare_into_the_same_out_is_refused_while_the_first_runs(tmp_path, ptb):
+    """The probe's repro: two prepares into one --out at once used to both exit 0 and leave a
+    tokens.bin of both (and a segfault in training). The first is held just after it took the
+    lock; the second is refused, naming it, and the first then finishes a whole corpus."""
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-m", "dist_w2v.cli", "prepare",
+                              str(ptb / "ptb.train.txt"), "--out", str(out), "--min-count", "1"],
+                             env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        lock = out / ".prepare.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.is_file() and lock.read_text().strip()):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = run_cli("prepare", str(ptb / "ptb.train.txt"), "--out", str(out),
+                             "--min-count", "2000")
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=120) == 0, first.communicate()
+    finally:
+        first.kill()
+        first.communicate()
+    line = one_line_error(second)
+    assert f"--out {out} is being written by PID {first.pid} on host " in line
+    corpus = load_prepared(out)
+    assert corpus.manifest["settings"]["min_count"] == 1
+    assert corpus.read_tokens(0, corpus.num_tokens).max() < len(corpus.vocab)
+
+
+def test_a_reader_keeps_the_corpus_it_opened_when_the_folder_is_prepared_again(tmp_path,
+                                                                               small_corpus):
+    """A run reads its chunks throughout training: a new prepare into its folder must not
+    change what it reads (the files are replaced by rename, not rewritten in place)."""
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=1))
+    reading = load_prepared(out)
+    before = reading.read_tokens(0, reading.num_tokens)
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=50))
+    assert len(load_prepared(out).vocab) < len(reading.vocab)
+    np.testing.assert_array_equal(reading.read_tokens(0, reading.num_tokens), before)
+    np.testing.assert_array_equal(
+        reading.read_sentence_offsets(0, reading.num_sentences), reading.sentence_offsets)
+
+
+def edit_in_place(path: Path, dtype: str, index: int, value: int) -> None:
+    """A same-size edit, which the manifest's sizes cannot see."""
+    data = np.memmap(path, dtype=dtype, mode="r+")
+    data[index] = value
+    data.flush()
+    del data
+
+
+@pytest.mark.parametrize("edit", ["id at V", "huge id", "negative id", "boundary back"])
+def test_same_size_edits_are_refused_as_they_are_read(tmp_path, small_corpus, edit):
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    corpus = load_prepared(out)
+    size = len(corpus.vocab)
+    if edit == "boundary back":
+        edit_in_place(out / "sentences.bin", "<i8", 10, int(corpus.sentence_offsets[9]) - 1)
+        expected = "sentences.bin's boundaries"
+    else:
+        value = {"id at V": size, "huge id": 2**30, "negative id": -3}[edit]
+        edit_in_place(out / "tokens.bin", "<i4", 1234, value)
+        expected = f"tokens.bin holds id {value} at token 1,234, outside the vocabulary's 1.."
+    corpus = load_prepared(out)  # sizes still match: accepted at load ...
+    with pytest.raises(UserError, match=re.escape(expected)):  # ... refused as read
+        source = ChunkSource(corpus, ExampleBuilder(corpus.vocab, DataConfig(),
+                                                    torch.device("cpu")), 0, True)
+        source.count(whole_corpus(corpus), 0)
+
+
+def test_training_on_a_same_size_edit_is_one_line_not_a_crash(tmp_path, small_corpus):
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    edit_in_place(out / "tokens.bin", "<i4", 5000, 2**30)  # a segfault before
+    result = run_cli("train", "--config", str(REPO / "configs" / "ptb-quick.yaml"),
+                     "--run-dir", str(tmp_path / "run"), f"data.prepared={out}",
+                     "train.epochs=1")
+    assert "tokens.bin holds id 1073741824 at token 5,000" in one_line_error(result)
+
+
+def test_an_edited_vocabulary_is_refused_at_load(tmp_path, small_corpus):
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    lines = (out / "vocab.txt").read_text().splitlines(keepends=True)
+    lines[3], lines[4] = lines[4], lines[3]  # same size, other words at ids 4 and 5
+    (out / "vocab.txt").write_text("".join(lines))
+    with pytest.raises(UserError, match="vocab.txt does not match its SHA-256"):
+        load_prepared(out)
+
+
+# ------------------------------------------------------------- what --out and inputs may be
+
+
+def test_out_holding_other_files_is_refused_unless_forced(tmp_path, small_corpus):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "vocab.txt").write_text("my own notes\n")
+    line = one_line_error(run_cli("prepare", str(small_corpus), "--out", str(out)))
+    assert f"--out {out} already holds files (vocab.txt) and is no prepared corpus" in line
+    assert (out / "vocab.txt").read_text() == "my own notes\n"
+    assert run_cli("prepare", str(small_corpus), "--out", str(out), "--min-count", "2",
+                   "--force").returncode == 0
+    load_prepared(out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    quiet_prepare([small_corpus], empty, PrepareSettings(min_count=2))  # an empty folder is fine
+
+
+def test_a_failed_prepare_removes_the_out_it_created_and_nothing_else(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    new = tmp_path / "new" / "out"
+    assert "is empty" in one_line_error(run_cli("prepare", str(empty), "--out", str(new)))
+    assert not new.exists() and (tmp_path / "new").is_dir()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    one_line_error(run_cli("prepare", str(empty), "--out", str(existing)))
+    assert existing.is_dir()
+
+
+def test_a_killed_prepares_leftovers_are_removed_by_the_next(tmp_path, small_corpus):
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    (out / ".prepare-spill-999999-abc").mkdir()  # a SIGKILLed prepare's, on any host
+    (out / "tokens.bin.tmp").write_bytes(b"half")
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=3))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".prepare.lock", "manifest.json", *FILES])
+
+
+def test_inputs_that_cannot_be_read_as_meant_are_one_line_errors(tmp_path, small_corpus):
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    line = one_line_error(run_cli("prepare", str(out / "tokens.bin"), str(small_corpus),
+                                  "--out", str(out)))
+    assert f"input {out / 'tokens.bin'} is a file that the prepare writes into --out" in line
+    assert "lies inside --out" in one_line_error(
+        run_cli("prepare", str(out), "--out", str(out)))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert f"input {fifo} is not a regular file" in one_line_error(
+        run_cli("prepare", str(fifo), "--out", str(tmp_path / "o1")))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(small_corpus, folder / "a.txt")
+    (folder / "gone").symlink_to(tmp_path / "nowhere")
+    assert f"input {folder / 'gone'} cannot be read" in one_line_error(
+        run_cli("prepare", str(folder), "--out", str(tmp_path / "o2")))
+    (folder / "gone").unlink()
+    os.mkfifo(folder / "pipe")
+    assert f"input {folder / 'pipe'} is not a regular file" in one_line_error(
+        run_cli("prepare", str(folder), "--out", str(tmp_path / "o3")))
+
+
+def test_symlinked_folders_are_followed_and_each_folder_read_once(tmp_path, small_corpus, text):
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    shutil.copy(small_corpus, real / "sub" / "a.txt")
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "linked").symlink_to(real)
+    (real / "loop").symlink_to(real)  # a link back up: neither followed forever nor twice
+    settings = PrepareSettings(min_count=2)
+    outcome = quiet_prepare([top], tmp_path / "out", settings)
+    assert [Path(e["path"]).name for e in outcome.manifest["inputs"]] == ["a.txt"]
+    assert contents(tmp_path / "out") == reference(text, settings)
+
+
+def test_a_byte_order_mark_is_dropped_and_cr_only_lines_are_pointed_out(tmp_path):
+    settings = PrepareSettings(min_count=1)
+    plain = "alpha beta gamma\nbeta gamma\n"
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.encode())
+    quiet_prepare([bom], tmp_path / "o1", settings)
+    assert contents(tmp_path / "o1") == reference(plain, settings)
+    mac = tmp_path / "mac.txt"
+    mac.write_bytes(plain.replace("\n", "\r").encode())
+    said: list[str] = []
+    prepare([mac], tmp_path / "o2", settings, say=said.append, progress=False)
+    assert said[0].startswith(f"warning: {mac} has carriage returns but no newline")
+    assert said[1].startswith("prepared ")
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -350,6 +548,25 @@ def test_a_concurrent_winner_is_used(tmp_path, small_corpus, monkeypatch):
     path = sources.prepared_dir_for(cfg, dirs, lambda _: None)
     load_prepared(path)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_killed_cache_prepares_folder_is_removed_by_the_next_on_its_host(tmp_path,
+                                                                           small_corpus):
+    dirs = UserDirs(ptb=None, cache=tmp_path / "cache")
+    root = dirs.cache / "prepared"
+    root.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = sources.HOST
+    abandoned = root / f".0123abcd.tmp-{dead.pid}@{host}-k7x2q9zz"
+    running = root / f".0123abcd.tmp-{os.getpid()}@{host}-a1b2c3d4"
+    elsewhere = root / f".0123abcd.tmp-{dead.pid}@another-{host}-e5f6g7h8"
+    for folder in (abandoned, running, elsewhere):
+        folder.mkdir()
+    target = sources.prepared_dir_for(data_config(corpus=str(small_corpus), min_count=3), dirs,
+                                      lambda _: None)
+    assert sorted(p.name for p in root.iterdir()) == sorted(
+        [target.name, running.name, elsewhere.name])
 
 
 def test_ptb_is_verified_once_and_a_tampered_copy_refused(tmp_path, ptb, monkeypatch):

@@ -35,11 +35,11 @@ without further dependencies, maintained by the Apache Arrow project.
 from __future__ import annotations
 
 import bz2
-import contextlib
 import gzip
 import lzma
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -56,14 +56,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dist_w2v.data.prepared import (
+    DATA_FILES,
     MANIFEST_FILE,
     PreparedWriter,
     PrepareSettings,
     load_prepared,
     read_manifest,
+    work_files,
 )
 from dist_w2v.data.vocab import UNK, Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.folder_lock import holding, open_lock
 from dist_w2v.parallel.cores import usable_cores
 
 BLOCK_BYTES = 8 << 20
@@ -72,6 +75,7 @@ a few blocks in flight per worker stay well under a GB."""
 MERGE_WORDS = 1 << 18
 """Blocks' words wait for a merge until there are this many (or twice the table's size)."""
 SPILL_PREFIX = ".prepare-spill-"
+LOCK_FILE = ".prepare.lock"
 OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
     ".gz": lambda p: gzip.open(p, "rb"),
     ".bz2": lambda p: bz2.open(p, "rb"),
@@ -94,22 +98,74 @@ class PrepareOutcome:
 # ---------------------------------------------------------------------------------- inputs
 
 
-def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders as their files (recursively, sorted, hidden names skipped)."""
+def expand_inputs(inputs: Sequence[str | Path], out: Path) -> list[Path]:
+    """Files as given, folders as their files (recursively, sorted, hidden names skipped,
+    symlinks followed, every folder once); files inside ``out`` are left out of folders, and
+    naming one that the prepare would overwrite is refused."""
+    out_real = out.resolve()
+    written = {out_real / name for name in (*DATA_FILES, MANIFEST_FILE)}
     files: list[Path] = []
     for raw in inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-                part.startswith(".") for part in p.relative_to(path).parts))
+            if path.resolve().is_relative_to(out_real):
+                raise UserError(f"input folder {path} lies inside --out {out}, where the "
+                                "prepare writes; give --out a folder of its own")
+            found = [p for p in folder_files(path) if not p.resolve().is_relative_to(out_real)]
             if not found:
-                raise UserError(f"input folder {path} holds no files")
+                raise UserError(f"input folder {path} holds no files"
+                                + (f" outside --out {out}" if out_real.is_relative_to(
+                                    path.resolve()) else ""))
             files.extend(found)
         elif path.is_file():
+            if path.resolve() in written:
+                raise UserError(f"input {path} is a file that the prepare writes into --out "
+                                f"{out}; give --out another folder")
             files.append(path)
+        elif path.exists():
+            raise UserError(f"input {path} is not a regular file (a FIFO, socket or device); "
+                            "give text files or folders of them")
         else:
             raise UserError(f"input {path} not found; give text files or folders of them")
     return files
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The regular files under ``folder``, sorted; a folder that cannot be read, a broken
+    link or a FIFO is a one-line error rather than a file quietly left out."""
+
+    def unreadable(exc: OSError) -> None:
+        raise UserError(f"cannot read folder {exc.filename} in input {folder}: "
+                        f"{exc.strerror}; fix its permissions or leave it out") from None
+
+    seen: set[tuple[int, int]] = set()
+    found: list[Path] = []
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        here = os.stat(root)
+        seen.add((here.st_dev, here.st_ino))
+        keep = []
+        for name in sorted(dirs):
+            if name.startswith("."):
+                continue
+            info = os.stat(os.path.join(root, name))
+            if (info.st_dev, info.st_ino) not in seen:  # a link back up, or a second link
+                seen.add((info.st_dev, info.st_ino))
+                keep.append(name)
+        dirs[:] = keep
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = Path(root, name)
+            try:
+                info = os.stat(path)
+            except OSError as exc:
+                raise UserError(f"input {path} cannot be read ({exc.strerror}: a broken link?); "
+                                "fix or remove it") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise UserError(f"input {path} is not a regular file (a FIFO, socket or "
+                                "device); remove it from the folder, or name the files to read")
+            found.append(path)
+    return sorted(found)
 
 
 def input_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
@@ -139,17 +195,25 @@ class Block:
     """The block ends inside a line, which the next block continues."""
 
 
-def _file_pieces(path: Path, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
+def _file_pieces(path: Path, block_bytes: int,
+                 notice: Callable[[str], None]) -> Iterator[tuple[bytes, bool]]:
     """A file's (uncompressed) bytes in pieces that end at a newline, else at a space, and
-    then the line runs on into the next piece."""
+    then the line runs on into the next piece. A UTF-8 byte-order mark is dropped."""
     carry = b""
     line_open = False  # a piece ended inside a line
+    newline_seen = return_seen = False
     try:
         with open_input(path) as handle:
+            first = True
             while chunk := handle.read(block_bytes):
+                if first:
+                    chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
+                if not newline_seen:
+                    return_seen = return_seen or b"\r" in chunk
                 data = carry + chunk if carry else chunk
                 cut = data.rfind(b"\n") + 1
                 if cut:
+                    newline_seen = True
                     yield data[:cut], False
                     carry, line_open = data[cut:], False
                     continue
@@ -164,11 +228,16 @@ def _file_pieces(path: Path, block_bytes: int) -> Iterator[tuple[bytes, bool]]:
         raise UserError(f"cannot read input {path}: {exc}") from None
     if carry or line_open:  # the last line, without its newline
         yield carry + b"\n", False
+    if return_seen and not newline_seen:
+        notice(f"warning: {path} has carriage returns but no newline, so it was read as one "
+               "line (cut every --max-sentence-length tokens); if its lines end in CR alone, "
+               "convert them with `tr '\\r' '\\n'` and prepare again")
 
 
-def read_blocks(files: Sequence[Path], block_bytes: int = BLOCK_BYTES,
-                max_lines: int = 0) -> Iterator[Block]:
-    """The inputs as blocks; small files share one. ``max_lines`` > 0 stops after that many."""
+def read_blocks(files: Sequence[Path], block_bytes: int = BLOCK_BYTES, max_lines: int = 0,
+                notice: Callable[[str], None] = print) -> Iterator[Block]:
+    """The inputs as blocks; small files share one. ``max_lines`` > 0 stops after that many.
+    ``notice`` gets a line about an input that is read, but perhaps not as meant."""
     parts: list[bytes] = []
     sources: list[tuple[Path, int, int, int]] = []
     size = 0
@@ -176,7 +245,7 @@ def read_blocks(files: Sequence[Path], block_bytes: int = BLOCK_BYTES,
     index = 0
     for path in files:
         offset = 0
-        for piece, runs_on in _file_pieces(path, block_bytes):
+        for piece, runs_on in _file_pieces(path, block_bytes, notice):
             if max_lines:
                 newlines = piece.count(b"\n")
                 if newlines >= lines_left:
@@ -483,28 +552,43 @@ def _up_to_date(out: Path, inputs: list[dict[str, Any]], settings: PrepareSettin
     return True
 
 
-def _make_spill(out: Path) -> Path:
-    """A private temporary folder inside ``out`` (which must be writable); stale ones left by
-    killed prepares on this machine are removed first."""
+def _refuse_foreign(out: Path) -> None:
+    """Refuse to write into a folder of someone else's files: ``--out`` must be new, empty,
+    or a prepared corpus (it has a manifest, perhaps damaged)."""
+    if (out / MANIFEST_FILE).exists():
+        return
+    ours = {LOCK_FILE, *(p.name for p in work_files(out))}
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in ours and not p.name.startswith(SPILL_PREFIX))
+    if others:
+        listed = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise UserError(f"--out {out} already holds files ({listed}) and is no prepared corpus "
+                        f"(no {MANIFEST_FILE}); give a new or empty folder, or add --force to "
+                        "write there anyway")
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Spill folders and temporary files of prepares that were killed: whoever holds the lock
+    on ``out`` is its only writer, so every one found is stale."""
+    for stale in out.glob(SPILL_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for path in work_files(out):
+        path.unlink(missing_ok=True)
+
+
+def _lock_out(out: Path) -> tuple[int, bool]:
+    """Create ``out`` when missing and open its lock: (descriptor, whether we created it)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(SPILL_PREFIX + "*"):
-            pid = stale.name[len(SPILL_PREFIX):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
-        return Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=out))
+        try:
+            out.mkdir(parents=True)
+            created = True
+        except FileExistsError:  # only the process whose mkdir made it may remove it
+            created = False
+        return open_lock(out / LOCK_FILE), created
     except OSError as exc:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSettings,
@@ -512,29 +596,49 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
             progress: bool | None = None, block_bytes: int = BLOCK_BYTES,
             force: bool = False) -> PrepareOutcome:
     """Prepare ``inputs`` into the folder ``out``; nothing is done when ``out`` already holds
-    them under the same settings (unless ``force``). ``progress``: None = when stderr is a
-    terminal. ``say`` gets one summary line."""
-    start, start_cpu = time.perf_counter(), time.process_time()
+    them under the same settings (unless ``force``, which also lets ``out`` be a folder of
+    other files). One prepare at a time writes into ``out``: a second is refused. A failed
+    prepare leaves ``out`` as it found it (a folder it created is removed). ``progress``:
+    None = when stderr is a terminal. ``say`` gets a summary line (and any warnings)."""
     out = Path(out).expanduser()
-    files = [p for p in expand_inputs(inputs)  # a folder input may hold --out itself
-             if not p.resolve().is_relative_to(out.resolve())]
-    if not files:
-        raise UserError(f"no input files outside --out {out}")
+    files = expand_inputs(inputs, out)
+    fd, created = _lock_out(out)
+    try:
+        with holding(fd, lambda holder: UserError(
+                f"--out {out} is being written by {holder} (another dist-w2v prepare); wait "
+                "for it to end, or choose another --out")):
+            return _prepare_locked(files, out, settings, workers, say, progress, block_bytes,
+                                   force)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_locked(files: list[Path], out: Path, settings: PrepareSettings, workers: int,
+                    say: Callable[[str], None], progress: bool | None, block_bytes: int,
+                    force: bool) -> PrepareOutcome:
+    start, start_cpu = time.perf_counter(), time.process_time()
     inputs_seen = input_entries(files)
     if not force and _up_to_date(out, inputs_seen, settings):
         say(f"{out} is up to date (same inputs and settings); nothing to do")
         return PrepareOutcome(out, read_manifest(out) or {}, True,
                               time.perf_counter() - start)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
+    if not force:
+        _refuse_foreign(out)
     workers = workers or usable_cores()
     compressed = any(p.suffix.lower() in OPENERS for p in files)
     meter = Progress(sys.stderr.isatty() if progress is None else progress,
                      None if compressed else sum(e["bytes"] for e in inputs_seen))
-    spill = _make_spill(out)
+    try:
+        _remove_leftovers(out)
+        spill = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=out))
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare") as pool:
-            scans, words = _count(files, settings, spill, pool, workers, block_bytes, meter)
+            scans, words = _count(files, settings, spill, pool, workers, block_bytes, meter,
+                                  say)
             raw_tokens = sum(s.num_tokens for s in scans)
             if raw_tokens == 0:
                 names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
@@ -565,13 +669,13 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
 
 
 def _count(files: Sequence[Path], settings: PrepareSettings, spill: Path,
-           pool: ThreadPoolExecutor, workers: int, block_bytes: int, meter: Progress
-           ) -> tuple[list[BlockScan], WordCounts]:
+           pool: ThreadPoolExecutor, workers: int, block_bytes: int, meter: Progress,
+           notice: Callable[[str], None]) -> tuple[list[BlockScan], WordCounts]:
     """Pass 1: scan blocks in worker threads, merge their words here, in block order."""
     words = WordCounts(spill)
     scans: list[BlockScan] = []
     done_bytes = tokens = 0
-    blocks = read_blocks(files, block_bytes, settings.max_sentences)
+    blocks = read_blocks(files, block_bytes, settings.max_sentences, notice)
     jobs = ((lambda b=b: scan_block(b, spill)) for b in blocks)
     for scan in _ordered(pool, jobs, workers + 1):
         words.add(scan)
@@ -611,6 +715,4 @@ def _encode(out: Path, scans: list[BlockScan], vocab: Vocab, vocab_of_word: np.n
         return writer.commit(vocab, inputs, settings, counts)
     except BaseException:
         writer.abort()
-        with contextlib.suppress(OSError):
-            (out / MANIFEST_FILE).unlink()
         raise

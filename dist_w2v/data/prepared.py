@@ -8,9 +8,18 @@ A prepared corpus is a folder:
 * ``sentences.bin``: little-endian int64 offsets into ``tokens.bin``, one per sentence boundary
   (0 first, the token count last); every sentence holds at least one token;
 * ``manifest.json``: format and version, the inputs (path, bytes, mtime), the settings, the
-  counts and the size and SHA-256 of every file above. It is written last and atomically, and a
-  new prepare removes it first, so a folder whose manifest is missing or disagrees with its
-  files is never trained on.
+  counts and the size and SHA-256 of every file above.
+
+A prepare writes the three files under temporary names and renames them into place at the end,
+removing the old manifest just before and writing the new one (atomically) just after: an
+interrupted prepare leaves the previous corpus as it was, and a run that has the folder open
+keeps reading the files it opened (their old inodes), never a mix of two prepares.
+
+What training checks (cheap enough for every run of a billion-token corpus): at load, every
+file's size and vocab.txt's SHA-256; as it reads, that every token id lies in the vocabulary and
+every sentence boundary increases. tokens.bin's and sentences.bin's SHA-256s are recorded (the
+corpus fingerprint that checkpoints keep) but not re-read: a same-size edit of them that keeps
+the ids in range is not noticed.
 
 Only this module knows the layout; everything else goes through :func:`load_prepared` and
 :class:`PreparedWriter`.
@@ -18,17 +27,18 @@ Only this module knows the layout; everything else goes through :func:`load_prep
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from dist_w2v.atomic import write_text_atomically
-from dist_w2v.data.vocab import Vocab, read_vocab_text, vocab_text
+from dist_w2v.atomic import commit, discard, staged, temp_path, write_text_atomically
+from dist_w2v.data.vocab import Vocab, parse_vocab_text, vocab_text
 from dist_w2v.errors import UserError
 
 FORMAT = "dist-w2v-prepared"
@@ -39,6 +49,7 @@ SENTENCES_FILE = "sentences.bin"
 MANIFEST_FILE = "manifest.json"
 TOKEN_DTYPE = np.dtype("<i4")
 OFFSET_DTYPE = np.dtype("<i8")
+DATA_FILES = (VOCAB_FILE, TOKENS_FILE, SENTENCES_FILE)
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,9 @@ class PrepareSettings:
         for name, low in (("min_count", 1), ("max_vocab", 0), ("max_sentence_length", 2),
                           ("max_sentences", 0)):
             if getattr(self, name) < low:
-                raise UserError(f"prepare: {name} must be >= {low} (got {getattr(self, name)})")
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"prepare: {flag} (data.{name}) must be >= {low} "
+                                f"(got {getattr(self, name)})")
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -73,15 +86,37 @@ class PreparedCorpus:
     vocab: Vocab
     tokens: np.ndarray  # (N,) int32 memmap
     sentence_offsets: np.ndarray  # (S+1,) int64 memmap
+    _token_file: IO[bytes] = field(repr=False)
+    _offset_file: IO[bytes] = field(repr=False)
 
     def read_tokens(self, start: int, stop: int) -> np.ndarray:
-        """Token ids [start, stop), read from the file into memory of our own: slicing the map
-        instead would keep every page it touched resident (and counted) for the whole run."""
-        return _read(self.directory / TOKENS_FILE, TOKEN_DTYPE, start, stop)
+        """Token ids [start, stop), read from the file into memory of our own (slicing the map
+        instead would keep every page it touched resident, and counted, for the whole run);
+        refused when an id lies outside the vocabulary."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise _bad(self.directory, f"{SENTENCES_FILE} points at tokens [{start:,}, "
+                                       f"{stop:,}) of {self.num_tokens:,}")
+        ids = _pread(self._token_file, TOKEN_DTYPE, start, stop - start)
+        if ids.shape[0] and (int(ids.min()) < 1 or int(ids.max()) >= len(self.vocab)):
+            at = int(np.flatnonzero((ids < 1) | (ids >= len(self.vocab)))[0])
+            raise _bad(self.directory, f"{TOKENS_FILE} holds id {int(ids[at])} at token "
+                                       f"{start + at:,}, outside the vocabulary's 1.."
+                                       f"{len(self.vocab) - 1}: it changed after the prepare")
+        return ids
 
     def read_sentence_offsets(self, first: int, last: int) -> np.ndarray:
-        """Sentence boundaries [first, last], read like :meth:`read_tokens`."""
-        return _read(self.directory / SENTENCES_FILE, OFFSET_DTYPE, first, last + 1)
+        """Sentence boundaries [first, last], read like :meth:`read_tokens`; refused unless
+        they increase (every sentence holds a token) within the token count."""
+        if not 0 <= first <= last <= self.num_sentences:
+            raise ValueError(f"sentences [{first}, {last}] of {self.num_sentences}")
+        bounds = _pread(self._offset_file, OFFSET_DTYPE, first, last - first + 1)
+        steps = np.diff(bounds)
+        if int(bounds[0]) < 0 or int(bounds[-1]) > self.num_tokens or (
+                steps.shape[0] and int(steps.min()) < 1):
+            raise _bad(self.directory, f"{SENTENCES_FILE}'s boundaries {first:,}..{last:,} do "
+                                       "not increase within the token count: it changed "
+                                       "after the prepare")
+        return bounds
 
     @property
     def num_tokens(self) -> int:
@@ -93,8 +128,10 @@ class PreparedCorpus:
 
     def word_sentences(self) -> list[list[str]]:
         """The sentences as words, unknowns dropped (for peers such as gensim: small corpora)."""
-        words = np.asarray(self.vocab.idx_to_token, dtype=object)[np.asarray(self.tokens)]
-        return [list(s) for s in np.split(words, np.asarray(self.sentence_offsets[1:-1]))]
+        ids = self.read_tokens(0, self.num_tokens)
+        bounds = self.read_sentence_offsets(0, self.num_sentences)
+        words = np.asarray(self.vocab.idx_to_token, dtype=object)[ids]
+        return [list(s) for s in np.split(words, bounds[1:-1])]
 
     @property
     def fingerprint(self) -> str:
@@ -125,7 +162,8 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def load_prepared(directory: str | Path) -> PreparedCorpus:
-    """Open a prepared corpus after checking that every file is the size its manifest says."""
+    """Open a prepared corpus after checking every file's size and vocab.txt's SHA-256 against
+    its manifest (the ids and boundaries are checked as they are read)."""
     directory = Path(directory).expanduser()
     if directory.is_file():
         raise UserError(f"prepared corpus {directory} is a file, not a folder written by "
@@ -137,39 +175,76 @@ def load_prepared(directory: str | Path) -> PreparedCorpus:
     if manifest is None:
         raise _bad(directory, f"no {MANIFEST_FILE}: never prepared, or the prepare was "
                               "interrupted")
-    for name, entry in manifest["files"].items():
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise _bad(directory, f"{name} is missing or not the size its manifest records")
-    tokens = _memmap(directory / TOKENS_FILE, TOKEN_DTYPE)
-    offsets = _memmap(directory / SENTENCES_FILE, OFFSET_DTYPE)
-    vocab = read_vocab_text(directory / VOCAB_FILE)
-    if len(vocab) != manifest["counts"]["vocab_size"]:
-        raise _bad(directory, f"{VOCAB_FILE} has {len(vocab)} words, the manifest "
-                              f"{manifest['counts']['vocab_size']}")
-    if offsets.shape[0] < 1 or int(offsets[-1]) != tokens.shape[0]:
-        raise _bad(directory, f"{SENTENCES_FILE} does not end at the token count")
-    return PreparedCorpus(directory, manifest, vocab, tokens, offsets)
+    sizes, vocab_sha256, vocab_size = _recorded(manifest, directory)
+    # Opened once, before any check: a prepare that replaces the files later leaves this
+    # corpus reading the ones checked here.
+    with contextlib.ExitStack() as opened:
+        try:
+            handles = {name: opened.enter_context(open(directory / name, "rb"))
+                       for name in DATA_FILES}
+        except OSError:
+            raise _bad(directory, "a file its manifest lists is missing or unreadable") from None
+        for name, handle in handles.items():
+            if os.fstat(handle.fileno()).st_size != sizes[name]:
+                raise _bad(directory, f"{name} is not the size its manifest records")
+        vocab_bytes = handles[VOCAB_FILE].read()
+        if hashlib.sha256(vocab_bytes).hexdigest() != vocab_sha256:
+            raise _bad(directory, f"{VOCAB_FILE} does not match its SHA-256 in the manifest: "
+                                  "it changed after the prepare")
+        vocab = parse_vocab_text(vocab_bytes, directory / VOCAB_FILE)
+        if len(vocab) != vocab_size:
+            raise _bad(directory, f"{VOCAB_FILE} has {len(vocab)} words, the manifest "
+                                  f"{vocab_size}")
+        tokens = _memmap(handles[TOKENS_FILE], TOKEN_DTYPE)
+        offsets = _memmap(handles[SENTENCES_FILE], OFFSET_DTYPE)
+        if offsets.shape[0] < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != tokens.shape[0]:
+            raise _bad(directory, f"{SENTENCES_FILE} does not run from 0 to the token count")
+        opened.pop_all()  # the corpus keeps the token and sentence files open
+    handles[VOCAB_FILE].close()
+    return PreparedCorpus(directory, manifest, vocab, tokens, offsets,
+                          handles[TOKENS_FILE], handles[SENTENCES_FILE])
 
 
-def _read(path: Path, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
-    with open(path, "rb") as handle:
-        return np.fromfile(handle, dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
+def _recorded(manifest: dict[str, Any], directory: Path) -> tuple[dict[str, int], str, int]:
+    """What the manifest records of the files: sizes, vocab.txt's SHA-256, the vocab size."""
+    try:
+        files = manifest["files"]
+        sizes = {name: int(files[name]["bytes"]) for name in DATA_FILES}
+        return sizes, str(files[VOCAB_FILE]["sha256"]), int(manifest["counts"]["vocab_size"])
+    except (KeyError, TypeError, ValueError):
+        raise _bad(directory, f"{MANIFEST_FILE} lacks the files' sizes and checksums") from None
 
 
-def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
-    if path.stat().st_size == 0:  # numpy cannot map an empty file
+def _pread(handle: IO[bytes], dtype: np.dtype, start: int, count: int) -> np.ndarray:
+    """``count`` items from item ``start`` on; positional, so threads may share the handle."""
+    out = np.empty(count, dtype=dtype)
+    view = memoryview(out).cast("B")
+    done = 0
+    while done < view.nbytes:
+        got = os.preadv(handle.fileno(), [view[done:]], start * dtype.itemsize + done)
+        if got == 0:
+            raise OSError(f"{handle.name} ended early")
+        done += got
+    return out
+
+
+def _memmap(handle: IO[bytes], dtype: np.dtype) -> np.ndarray:
+    if os.fstat(handle.fileno()).st_size == 0:  # numpy cannot map an empty file
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    return np.memmap(handle, dtype=dtype, mode="r")
+
+
+def _digest(handle: IO[bytes], algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    while block := handle.read(1 << 24):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """A file's hex digest, read in 16 MB blocks (files here can be gigabytes)."""
-    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+        return _digest(handle, algorithm)
 
 
 def file_entry(path: Path) -> dict[str, Any]:
@@ -178,15 +253,15 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 class PreparedWriter:
-    """Writes a prepared corpus into ``directory``: tokens and sentences as they come, then the
-    vocabulary and, last, the manifest. Until :meth:`commit`, the folder has no manifest."""
+    """Writes a prepared corpus into ``directory``: tokens and sentences as they come, under
+    temporary names, then the vocabulary; :meth:`commit` renames them into place between
+    removing the old manifest and writing the new one."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / MANIFEST_FILE).unlink(missing_ok=True)
-        self._tokens = open(self.directory / TOKENS_FILE, "wb")  # noqa: SIM115 - closed in commit
-        self._offsets = open(self.directory / SENTENCES_FILE, "wb")  # noqa: SIM115
+        self._tokens = open(temp_path(self.directory / TOKENS_FILE), "wb")  # noqa: SIM115
+        self._offsets = open(temp_path(self.directory / SENTENCES_FILE), "wb")  # noqa: SIM115
         self._offsets.write(np.zeros(1, dtype=OFFSET_DTYPE).tobytes())
         self.num_tokens = 0
         self.num_sentences = 0
@@ -201,12 +276,14 @@ class PreparedWriter:
 
     def commit(self, vocab: Vocab, inputs: list[dict[str, Any]], settings: PrepareSettings,
                counts: dict[str, int]) -> dict[str, Any]:
-        """Close the streams, write the vocabulary, then the manifest (atomically, last)."""
+        """Close the streams, write the vocabulary, rename all three into place, then write
+        the manifest (atomically, last)."""
         for handle in (self._tokens, self._offsets):
             handle.flush()
             os.fsync(handle.fileno())
             handle.close()
-        (self.directory / VOCAB_FILE).write_text(vocab_text(vocab), encoding="utf-8")
+        with staged(self.directory / VOCAB_FILE) as handle:
+            handle.write(vocab_text(vocab).encode("utf-8"))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -214,12 +291,21 @@ class PreparedWriter:
             "settings": settings.to_dict(),
             "counts": {**counts, "tokens": self.num_tokens, "sentences": self.num_sentences,
                        "vocab_size": len(vocab)},
-            "files": {name: file_entry(self.directory / name)
-                      for name in (VOCAB_FILE, TOKENS_FILE, SENTENCES_FILE)},
+            "files": {name: file_entry(temp_path(self.directory / name))
+                      for name in DATA_FILES},
         }
+        (self.directory / MANIFEST_FILE).unlink(missing_ok=True)
+        commit([self.directory / name for name in DATA_FILES])
         write_text_atomically(self.directory / MANIFEST_FILE, json.dumps(manifest, indent=1))
         return manifest
 
     def abort(self) -> None:
+        """Close and remove the temporary files; the folder's previous corpus is untouched."""
         for handle in (self._tokens, self._offsets):
             handle.close()
+        discard([self.directory / name for name in DATA_FILES])
+
+
+def work_files(directory: Path) -> list[Path]:
+    """Temporary files a killed prepare may have left in ``directory``."""
+    return [temp_path(Path(directory) / name) for name in DATA_FILES]

@@ -18,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 import urllib.request
 import zipfile
@@ -40,6 +41,9 @@ PTB_SHA1 = {
 }
 CHECKSUMS_FILE = "checksums.json"
 PREPARED_DIR = "prepared"
+WORK_MARK = ".tmp-"
+"""A cache prepare's work folder is ``.KEY.tmp-PID@HOST-XXXXXXXX``, renamed to KEY when done."""
+HOST = socket.gethostname()
 
 
 # ----------------------------------------------------------------------------- checksums
@@ -188,7 +192,9 @@ def prepared_dir_for(cfg: DataConfig, dirs: UserDirs,
     _remove_broken(target)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-{os.getpid()}-", dir=root))
+        _remove_abandoned(root)
+        work = Path(tempfile.mkdtemp(prefix=f".{key}{WORK_MARK}{os.getpid()}@{HOST}-",
+                                     dir=root))
     except OSError as exc:
         raise UserError(f"cannot write prepared corpora to {root}: {exc.strerror or exc}; "
                         "set $XDG_CACHE_HOME to a writable folder, or prepare the corpus "
@@ -221,6 +227,26 @@ def _usable(directory: Path) -> bool:
         load_prepared(directory)
     except UserError:
         return False
+    return True
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Work folders of cache prepares that were killed (SIGKILL, OOM) on this host. A folder
+    names its preparer's PID and host: the cache may be shared by nodes, and only this host can
+    tell whether one of its PIDs still runs."""
+    for work in root.glob(f".*{WORK_MARK}*@{HOST}-*"):
+        pid = work.name.partition(WORK_MARK)[2].partition("@")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
     return True
 
 

@@ -109,8 +109,10 @@ class ChunkSource:
 
     def tokens(self, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's token ids (int32) and each token's sentence number, on the device."""
-        ids = torch.from_numpy(self.corpus.read_tokens(chunk.start, chunk.stop))
+        # Boundaries first: read_sentence_offsets refuses a damaged file before its numbers
+        # decide which tokens are read.
         bounds = self.corpus.read_sentence_offsets(chunk.first_sentence, chunk.last_sentence)
+        ids = torch.from_numpy(self.corpus.read_tokens(int(bounds[0]), int(bounds[-1])))
         # numpy, not torch: on CPU this runs beside the training step, and a torch op here
         # would start an OpenMP team of its own on the step's cores.
         sentences = torch.from_numpy(np.repeat(np.arange(len(bounds) - 1), np.diff(bounds)))

@@ -72,19 +72,21 @@ def vocab_text(vocab: Vocab) -> str:
                                                        strict=True))
 
 
-def read_vocab_text(path: Path) -> Vocab:
-    """The inverse of :func:`vocab_text`; a one-line error for a malformed file."""
+def parse_vocab_text(data: bytes, path: Path) -> Vocab:
+    """The inverse of :func:`vocab_text`, of the bytes of a file (``path`` names it in errors);
+    a one-line error for a malformed file."""
     words, counts = [UNK], [0]
     try:
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                word, _, count = line.rstrip("\n").rpartition(" ")
-                if not word or not count.isdigit():
-                    raise UserError(f"vocabulary file {path} line {number} is not 'word count'; "
-                                    "prepare the corpus again")
-                words.append(word)
-                counts.append(int(count))
-    except (OSError, UnicodeDecodeError) as exc:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise UserError(f"vocabulary file {path} cannot be read ({exc}); "
                         "prepare the corpus again") from None
+    for number, line in enumerate(text.split("\n")[:-1] if text.endswith("\n")
+                                  else text.split("\n"), 1):
+        word, _, count = line.rpartition(" ")
+        if not word or not count.isdigit():
+            raise UserError(f"vocabulary file {path} line {number} is not 'word count'; "
+                            "prepare the corpus again")
+        words.append(word)
+        counts.append(int(count))
     return Vocab(words, np.asarray(counts, dtype=np.int64))
