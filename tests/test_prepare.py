@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -469,6 +470,34 @@ def test_inputs_that_cannot_be_read_as_meant_are_one_line_errors(tmp_path, small
     os.mkfifo(folder / "pipe")
     assert f"input {folder / 'pipe'} is not a regular file" in one_line_error(
         run_cli("prepare", str(folder), "--out", str(tmp_path / "o3")))
+
+
+def test_an_unreadable_subfolder_is_an_error_not_a_folder_left_out(small_corpus):
+    """rglob used to skip it without a word. Root reads every folder, so as root the walk runs
+    in a child that drops to nobody after its imports (in a folder nobody may enter)."""
+    top = Path(tempfile.mkdtemp(prefix="dist-w2v-perm-"))
+    try:
+        (top / "in" / "locked").mkdir(parents=True)
+        shutil.copy(small_corpus, top / "in" / "a.txt")
+        shutil.copy(small_corpus, top / "in" / "locked" / "b.txt")
+        for folder in (top, top / "in"):
+            folder.chmod(0o755)
+        (top / "in" / "locked").chmod(0o000)
+        drop = "os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else "pass"
+        child = subprocess.run(
+            [sys.executable, "-c",
+             "import os, sys; from pathlib import Path\n"
+             "from dist_w2v.data.prepare import folder_files\n"
+             "from dist_w2v.errors import UserError\n"
+             f"{drop}\n"
+             "try:\n    print(folder_files(Path(sys.argv[1])))\n"
+             "except UserError as exc:\n    print(exc)", str(top / "in")],
+            capture_output=True, text=True, env=cli_env({"PYTHONPATH": str(REPO)}), timeout=60)
+        assert child.stdout.startswith(f"cannot read folder {top / 'in' / 'locked'} in input "
+                                       f"{top / 'in'}: Permission denied"), child
+    finally:
+        (top / "in" / "locked").chmod(0o755)
+        shutil.rmtree(top)
 
 
 def test_symlinked_folders_are_followed_and_each_folder_read_once(tmp_path, small_corpus, text):
