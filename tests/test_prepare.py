@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bz2
 import collections
+import fcntl
 import gzip
 import lzma
 import os
@@ -31,6 +32,7 @@ from dist_w2v.data.prepare import prepare
 from dist_w2v.data.prepared import PreparedWriter, PrepareSettings, load_prepared
 from dist_w2v.data.stream import ChunkSource, whole_corpus
 from dist_w2v.errors import UserError
+from dist_w2v.folder_lock import open_lock
 from dist_w2v.parallel.env import UserDirs
 
 FILES = ("vocab.txt", "tokens.bin", "sentences.bin")
@@ -395,7 +397,9 @@ def test_training_on_a_same_size_edit_is_one_line_not_a_crash(tmp_path, small_co
     result = run_cli("train", "--config", str(REPO / "configs" / "ptb-quick.yaml"),
                      "--run-dir", str(tmp_path / "run"), f"data.prepared={out}",
                      "train.epochs=1")
-    assert "tokens.bin holds id 1073741824 at token 5,000" in one_line_error(result)
+    line = one_line_error(result)
+    assert "tokens.bin holds id 1073741824 at token 5,000" in line
+    assert f"dist-w2v prepare INPUT --out {out} --force" in line  # up to date, but damaged
 
 
 def test_an_edited_vocabulary_is_refused_at_load(tmp_path, small_corpus):
@@ -426,12 +430,12 @@ def test_out_holding_other_files_is_refused_unless_forced(tmp_path, small_corpus
     quiet_prepare([small_corpus], empty, PrepareSettings(min_count=2))  # an empty folder is fine
 
 
-def test_a_failed_prepare_removes_the_out_it_created_and_nothing_else(tmp_path):
+def test_a_failed_prepare_removes_the_folders_it_created_and_nothing_else(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     new = tmp_path / "new" / "out"
     assert "is empty" in one_line_error(run_cli("prepare", str(empty), "--out", str(new)))
-    assert not new.exists() and (tmp_path / "new").is_dir()
+    assert not (tmp_path / "new").exists()  # the parent it made too
     existing = tmp_path / "existing"
     existing.mkdir()
     one_line_error(run_cli("prepare", str(empty), "--out", str(existing)))
@@ -441,11 +445,88 @@ def test_a_failed_prepare_removes_the_out_it_created_and_nothing_else(tmp_path):
 def test_a_killed_prepares_leftovers_are_removed_by_the_next(tmp_path, small_corpus):
     out = tmp_path / "out"
     quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
-    (out / ".prepare-spill-999999-abc").mkdir()  # a SIGKILLed prepare's, on any host
-    (out / "tokens.bin.tmp").write_bytes(b"half")
-    quiet_prepare([small_corpus], out, PrepareSettings(min_count=3))
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        [".prepare.lock", "manifest.json", *FILES])
+    for settings in (PrepareSettings(min_count=2), PrepareSettings(min_count=3)):
+        (out / ".prepare-spill-999999-abc").mkdir()  # a SIGKILLed prepare's, on any host
+        (out / "tokens.bin.tmp").write_bytes(b"half")
+        quiet_prepare([small_corpus], out, settings)  # up to date, then a real prepare
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [".prepare.lock", "manifest.json", *FILES])
+
+
+def test_a_prepare_killed_before_its_manifest_is_written_is_redone_without_force(
+        tmp_path, small_corpus):
+    """The commit renames the files between removing the old manifest and writing the new one;
+    a kill in that window leaves a prepare's files without a manifest, which are still ours."""
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    (out / "manifest.json").unlink()
+    with pytest.raises(UserError, match="no manifest"):
+        load_prepared(out)
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    load_prepared(out)
+
+
+def test_a_prepare_that_loses_the_lock_keeps_the_folder_it_made(tmp_path, small_corpus,
+                                                               monkeypatch):
+    """The probe's race: this prepare's mkdir made --out, another took the lock first. The
+    refused one used to remove --out, and with it the other's corpus."""
+    out = tmp_path / "out"
+    real_make_out = prepare_module._make_out
+    winner: list[int] = []
+
+    def made_then_beaten(folder):
+        created = real_make_out(folder)
+        fd = open_lock(folder / ".prepare.lock")  # another prepare's descriptor
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.pwrite(fd, b"4242 elsewhere\n", 0)
+        winner.append(fd)
+        return created
+
+    monkeypatch.setattr(prepare_module, "_make_out", made_then_beaten)
+    try:
+        with pytest.raises(UserError, match="is being written by PID 4242 on host elsewhere"):
+            quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+        assert (out / ".prepare.lock").is_file()
+    finally:
+        os.close(winner[0])
+
+
+def test_another_tools_manifest_is_not_replaced(tmp_path, small_corpus):
+    app = tmp_path / "webapp"
+    app.mkdir()
+    (app / "manifest.json").write_text('{"name": "my app"}')
+    (app / "vocab.txt").write_text("my words 1\n")
+    assert "holds a manifest.json that is not dist-w2v's" in one_line_error(
+        run_cli("prepare", str(small_corpus), "--out", str(app)))
+    assert (app / "manifest.json").read_text() == '{"name": "my app"}'
+
+
+def test_an_up_to_date_read_only_corpus_needs_no_write_access(tmp_path, small_corpus):
+    top = Path(tempfile.mkdtemp(prefix="dist-w2v-ro-"))
+    try:
+        shutil.copy(small_corpus, top / "a.txt")
+        quiet_prepare([top / "a.txt"], top / "c", PrepareSettings(min_count=2))
+        for path in (top, top / "a.txt", top / "c", *(top / "c").iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        said = as_nobody("from dist_w2v.data.prepare import prepare\n"
+                         "from dist_w2v.data.prepared import PrepareSettings\n"
+                         "prepare([sys.argv[1] + '/a.txt'], sys.argv[1] + '/c', "
+                         "PrepareSettings(min_count=2))", str(top))
+        assert said == f"{top / 'c'} is up to date (same inputs and settings); nothing to do\n"
+    finally:
+        shutil.rmtree(top)
+
+
+def test_a_file_given_twice_or_linked_is_read_once(tmp_path, small_corpus, text):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(small_corpus, folder / "a.txt")
+    (folder / "b.txt").symlink_to("a.txt")
+    settings = PrepareSettings(min_count=2)
+    outcome = quiet_prepare([folder, folder / "a.txt", small_corpus, small_corpus],
+                            tmp_path / "out", settings)
+    assert [Path(e["path"]).name for e in outcome.manifest["inputs"]] == ["a.txt", "small.txt"]
+    assert contents(tmp_path / "out") == reference(text + text, settings)
 
 
 def test_inputs_that_cannot_be_read_as_meant_are_one_line_errors(tmp_path, small_corpus):
@@ -472,9 +553,24 @@ def test_inputs_that_cannot_be_read_as_meant_are_one_line_errors(tmp_path, small
         run_cli("prepare", str(folder), "--out", str(tmp_path / "o3")))
 
 
+def as_nobody(code: str, *args: str) -> str:
+    """Run ``code`` in a child that has imported dist_w2v and then, when we are root (who reads
+    and writes everything), drops to nobody; its stdout, or a UserError's message."""
+    drop = "os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else "pass"
+    body = "\n".join("    " + line for line in code.splitlines())
+    child = subprocess.run(
+        [sys.executable, "-c",
+         # mmap: numpy imports it only when it first maps a file, too late for nobody
+         "import mmap, os, sys\nimport dist_w2v.data.prepare\n"
+         "from dist_w2v.errors import UserError\n"
+         f"{drop}\ntry:\n{body}\nexcept UserError as exc:\n    print(exc)", *args],
+        capture_output=True, text=True, env=cli_env({"PYTHONPATH": str(REPO)}), timeout=60)
+    assert child.returncode == 0, child
+    return child.stdout
+
+
 def test_an_unreadable_subfolder_is_an_error_not_a_folder_left_out(small_corpus):
-    """rglob used to skip it without a word. Root reads every folder, so as root the walk runs
-    in a child that drops to nobody after its imports (in a folder nobody may enter)."""
+    """rglob used to skip it without a word (in a folder that nobody may enter)."""
     top = Path(tempfile.mkdtemp(prefix="dist-w2v-perm-"))
     try:
         (top / "in" / "locked").mkdir(parents=True)
@@ -483,18 +579,11 @@ def test_an_unreadable_subfolder_is_an_error_not_a_folder_left_out(small_corpus)
         for folder in (top, top / "in"):
             folder.chmod(0o755)
         (top / "in" / "locked").chmod(0o000)
-        drop = "os.setgid(65534); os.setuid(65534)" if os.geteuid() == 0 else "pass"
-        child = subprocess.run(
-            [sys.executable, "-c",
-             "import os, sys; from pathlib import Path\n"
-             "from dist_w2v.data.prepare import folder_files\n"
-             "from dist_w2v.errors import UserError\n"
-             f"{drop}\n"
-             "try:\n    print(folder_files(Path(sys.argv[1])))\n"
-             "except UserError as exc:\n    print(exc)", str(top / "in")],
-            capture_output=True, text=True, env=cli_env({"PYTHONPATH": str(REPO)}), timeout=60)
-        assert child.stdout.startswith(f"cannot read folder {top / 'in' / 'locked'} in input "
-                                       f"{top / 'in'}: Permission denied"), child
+        said = as_nobody("from pathlib import Path\n"
+                         "from dist_w2v.data.prepare import folder_files\n"
+                         "print(folder_files(Path(sys.argv[1])))", str(top / "in"))
+        assert said.startswith(f"cannot read folder {top / 'in' / 'locked'} in input "
+                               f"{top / 'in'}: Permission denied"), said
     finally:
         (top / "in" / "locked").chmod(0o755)
         shutil.rmtree(top)
@@ -523,10 +612,10 @@ def test_a_byte_order_mark_is_dropped_and_cr_only_lines_are_pointed_out(tmp_path
     assert contents(tmp_path / "o1") == reference(plain, settings)
     mac = tmp_path / "mac.txt"
     mac.write_bytes(plain.replace("\n", "\r").encode())
-    said: list[str] = []
-    prepare([mac], tmp_path / "o2", settings, say=said.append, progress=False)
-    assert said[0].startswith(f"warning: {mac} has carriage returns but no newline")
-    assert said[1].startswith("prepared ")
+    result = run_cli("prepare", str(mac), "--out", str(tmp_path / "o2"), "--min-count", "1")
+    assert result.returncode == 0 and result.stdout.startswith("prepared "), result
+    assert result.stderr.startswith(f"dist-w2v: warning: {mac} has carriage returns but no "
+                                    "newline"), result.stderr
 
 
 # ------------------------------------------------------------------------------ the cache

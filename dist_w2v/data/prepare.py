@@ -61,6 +61,8 @@ from dist_w2v.data.prepared import (
     PreparedWriter,
     PrepareSettings,
     load_prepared,
+    looks_prepared,
+    manifest_kind,
     read_manifest,
     work_files,
 )
@@ -100,7 +102,7 @@ class PrepareOutcome:
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path) -> list[Path]:
     """Files as given, folders as their files (recursively, sorted, hidden names skipped,
-    symlinks followed, every folder once); files inside ``out`` are left out of folders, and
+    symlinks followed), every file once; files inside ``out`` are left out of folders, and
     naming one that the prepare would overwrite is refused."""
     out_real = out.resolve()
     written = {out_real / name for name in (*DATA_FILES, MANIFEST_FILE)}
@@ -127,7 +129,20 @@ def expand_inputs(inputs: Sequence[str | Path], out: Path) -> list[Path]:
                             "give text files or folders of them")
         else:
             raise UserError(f"input {path} not found; give text files or folders of them")
-    return files
+    return _each_once(files)
+
+
+def _each_once(files: list[Path]) -> list[Path]:
+    """Every file once, in the order first given: a file named twice, inside a folder that is
+    also given, or linked from a second name would otherwise count its words twice."""
+    seen: set[tuple[int, int]] = set()
+    unique = []
+    for path in files:
+        info = os.stat(path)
+        if (info.st_dev, info.st_ino) not in seen:
+            seen.add((info.st_dev, info.st_ino))
+            unique.append(path)
+    return unique
 
 
 def folder_files(folder: Path) -> list[Path]:
@@ -172,9 +187,13 @@ def input_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
     """What the manifest records of each input: an unchanged entry means an unchanged file."""
     entries = []
     for path in files:
-        stat = path.stat()
-        entries.append({"path": str(path.resolve()), "bytes": stat.st_size,
-                        "mtime_ns": stat.st_mtime_ns})
+        try:
+            info = path.stat()
+        except OSError as exc:
+            raise UserError(f"input {path} cannot be read ({exc.strerror}); was it removed?"
+                            ) from None
+        entries.append({"path": str(path.resolve()), "bytes": info.st_size,
+                        "mtime_ns": info.st_mtime_ns})
     return entries
 
 
@@ -234,8 +253,8 @@ def _file_pieces(path: Path, block_bytes: int,
                "convert them with `tr '\\r' '\\n'` and prepare again")
 
 
-def read_blocks(files: Sequence[Path], block_bytes: int = BLOCK_BYTES, max_lines: int = 0,
-                notice: Callable[[str], None] = print) -> Iterator[Block]:
+def read_blocks(files: Sequence[Path], notice: Callable[[str], None],
+                block_bytes: int = BLOCK_BYTES, max_lines: int = 0) -> Iterator[Block]:
     """The inputs as blocks; small files share one. ``max_lines`` > 0 stops after that many.
     ``notice`` gets a line about an input that is read, but perhaps not as meant."""
     parts: list[bytes] = []
@@ -554,10 +573,16 @@ def _up_to_date(out: Path, inputs: list[dict[str, Any]], settings: PrepareSettin
 
 def _refuse_foreign(out: Path) -> None:
     """Refuse to write into a folder of someone else's files: ``--out`` must be new, empty,
-    or a prepared corpus (it has a manifest, perhaps damaged)."""
-    if (out / MANIFEST_FILE).exists():
+    or a prepared corpus (a dist-w2v manifest, or a prepare's files that lost theirs)."""
+    kind = manifest_kind(out)
+    if kind == "ours":
         return
+    if kind == "other":
+        raise UserError(f"--out {out} holds a {MANIFEST_FILE} that is not dist-w2v's; give a "
+                        "new or empty folder, or add --force to write there anyway")
     ours = {LOCK_FILE, *(p.name for p in work_files(out))}
+    if looks_prepared(out):
+        ours |= {*DATA_FILES, MANIFEST_FILE}
     others = sorted(p.name for p in out.iterdir()
                     if p.name not in ours and not p.name.startswith(SPILL_PREFIX))
     if others:
@@ -576,69 +601,90 @@ def _remove_leftovers(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _lock_out(out: Path) -> tuple[int, bool]:
-    """Create ``out`` when missing and open its lock: (descriptor, whether we created it)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
-    try:
+def _make_out(out: Path) -> Path | None:
+    """Create ``out`` and any missing parents; the topmost folder this call created (removed
+    again if the prepare fails), or None when ``out`` was there."""
+    missing = [folder for folder in (out, *out.parents) if not folder.exists()]
+    created = None
+    for folder in reversed(missing):
         try:
-            out.mkdir(parents=True)
-            created = True
-        except FileExistsError:  # only the process whose mkdir made it may remove it
-            created = False
-        return open_lock(out / LOCK_FILE), created
-    except OSError as exc:
-        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+            folder.mkdir()
+        except FileExistsError:  # made by another process just now: never ours to remove
+            continue
+        created = created or folder
+    return created
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSettings,
             workers: int = 0, *, say: Callable[[str], None] = print,
-            progress: bool | None = None, block_bytes: int = BLOCK_BYTES,
-            force: bool = False) -> PrepareOutcome:
+            warn: Callable[[str], None] | None = None, progress: bool | None = None,
+            block_bytes: int = BLOCK_BYTES, force: bool = False) -> PrepareOutcome:
     """Prepare ``inputs`` into the folder ``out``; nothing is done when ``out`` already holds
     them under the same settings (unless ``force``, which also lets ``out`` be a folder of
     other files). One prepare at a time writes into ``out``: a second is refused. A failed
-    prepare leaves ``out`` as it found it (a folder it created is removed). ``progress``:
-    None = when stderr is a terminal. ``say`` gets a summary line (and any warnings)."""
+    prepare leaves ``out`` as it found it (the folders it created are removed). ``say`` gets
+    the summary line, ``warn`` (default: stderr) a line about an input read as it may not be
+    meant; ``progress``: None = when stderr is a terminal."""
+    start = time.perf_counter()
     out = Path(out).expanduser()
+    warn = warn or _to_stderr
     files = expand_inputs(inputs, out)
-    fd, created = _lock_out(out)
-    try:
-        with holding(fd, lambda holder: UserError(
-                f"--out {out} is being written by {holder} (another dist-w2v prepare); wait "
-                "for it to end, or choose another --out")):
-            return _prepare_locked(files, out, settings, workers, say, progress, block_bytes,
-                                   force)
-    except BaseException:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
-def _prepare_locked(files: list[Path], out: Path, settings: PrepareSettings, workers: int,
-                    say: Callable[[str], None], progress: bool | None, block_bytes: int,
-                    force: bool) -> PrepareOutcome:
-    start, start_cpu = time.perf_counter(), time.process_time()
     inputs_seen = input_entries(files)
-    if not force and _up_to_date(out, inputs_seen, settings):
-        say(f"{out} is up to date (same inputs and settings); nothing to do")
-        return PrepareOutcome(out, read_manifest(out) or {}, True,
-                              time.perf_counter() - start)
-    if not force:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    if not force and out.is_dir():
         _refuse_foreign(out)
+    created = None
+    try:
+        created = _make_out(out)
+        fd = open_lock(out / LOCK_FILE)
+    except OSError as exc:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        if not force and _up_to_date(out, inputs_seen, settings):  # e.g. a read-only corpus
+            return _nothing_to_do(out, say, start)
+        raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    with holding(fd, lambda holder: UserError(
+            f"--out {out} is being written by {holder} (another dist-w2v prepare); wait for it "
+            "to end, or choose another --out")):
+        try:  # under the lock: what is removed below is ours alone
+            _remove_leftovers(out)
+            if not force and _up_to_date(out, inputs_seen, settings):
+                return _nothing_to_do(out, say, start)
+            return _prepare_locked(files, inputs_seen, out, settings, workers, say, warn,
+                                   progress, block_bytes)
+        except BaseException:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+
+def _to_stderr(line: str) -> None:
+    print(f"dist-w2v: {line}", file=sys.stderr)
+
+
+def _nothing_to_do(out: Path, say: Callable[[str], None], start: float) -> PrepareOutcome:
+    say(f"{out} is up to date (same inputs and settings); nothing to do")
+    return PrepareOutcome(out, read_manifest(out) or {}, True, time.perf_counter() - start)
+
+
+def _prepare_locked(files: list[Path], inputs_seen: list[dict[str, Any]], out: Path,
+                    settings: PrepareSettings, workers: int, say: Callable[[str], None],
+                    warn: Callable[[str], None], progress: bool | None,
+                    block_bytes: int) -> PrepareOutcome:
+    start, start_cpu = time.perf_counter(), time.process_time()
     workers = workers or usable_cores()
     compressed = any(p.suffix.lower() in OPENERS for p in files)
     meter = Progress(sys.stderr.isatty() if progress is None else progress,
                      None if compressed else sum(e["bytes"] for e in inputs_seen))
     try:
-        _remove_leftovers(out)
         spill = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=out))
     except OSError as exc:
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prepare") as pool:
             scans, words = _count(files, settings, spill, pool, workers, block_bytes, meter,
-                                  say)
+                                  warn)
             raw_tokens = sum(s.num_tokens for s in scans)
             if raw_tokens == 0:
                 names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
@@ -675,7 +721,7 @@ def _count(files: Sequence[Path], settings: PrepareSettings, spill: Path,
     words = WordCounts(spill)
     scans: list[BlockScan] = []
     done_bytes = tokens = 0
-    blocks = read_blocks(files, block_bytes, settings.max_sentences, notice)
+    blocks = read_blocks(files, notice, block_bytes, settings.max_sentences)
     jobs = ((lambda b=b: scan_block(b, spill)) for b in blocks)
     for scan in _ordered(pool, jobs, workers + 1):
         words.add(scan)

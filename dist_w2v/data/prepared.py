@@ -12,7 +12,8 @@ A prepared corpus is a folder:
 
 A prepare writes the three files under temporary names and renames them into place at the end,
 removing the old manifest just before and writing the new one (atomically) just after: an
-interrupted prepare leaves the previous corpus as it was, and a run that has the folder open
+interrupted prepare leaves the previous corpus as it was (a kill between those two leaves files
+without a manifest: refused, and redone by the next prepare), and a run that has the folder open
 keeps reading the files it opened (their old inodes), never a mix of two prepares.
 
 What training checks (cheap enough for every run of a billion-token corpus): at load, every
@@ -140,8 +141,9 @@ class PreparedCorpus:
 
 
 def _bad(directory: Path, why: str) -> UserError:
-    return UserError(f"{directory} is not a usable prepared corpus ({why}); run "
-                     f"`dist-w2v prepare INPUT --out {directory}` again")
+    return UserError(f"{directory} is not a usable prepared corpus ({why}); prepare it again "
+                     f"with `dist-w2v prepare INPUT --out {directory} --force` (a folder in "
+                     "the cache: delete it, and the next run prepares it again)")
 
 
 def read_manifest(directory: Path) -> dict[str, Any] | None:
@@ -159,6 +161,32 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         raise _bad(directory, f"format version {manifest.get('version')}, this dist-w2v reads "
                               f"{VERSION}")
     return manifest
+
+
+def manifest_kind(directory: Path) -> str:
+    """What ``directory/manifest.json`` is: "none", "ours" (a dist-w2v manifest, any version),
+    "damaged" (unreadable as JSON) or "other" (another tool's JSON, not ours to replace)."""
+    try:
+        raw = json.loads((Path(directory) / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "none"
+    except (OSError, ValueError):
+        return "damaged"
+    return "ours" if isinstance(raw, dict) and raw.get("format") == FORMAT else "other"
+
+
+def looks_prepared(directory: Path) -> bool:
+    """The three data files are there in their shapes (whole int32 ids; int64 boundaries from
+    0): a prepare's files whose manifest was lost, e.g. to a kill just before it was written."""
+    directory = Path(directory)
+    try:
+        with open(directory / SENTENCES_FILE, "rb") as handle:
+            starts_at_zero = handle.read(OFFSET_DTYPE.itemsize) == bytes(OFFSET_DTYPE.itemsize)
+        return (starts_at_zero and (directory / VOCAB_FILE).is_file()
+                and (directory / SENTENCES_FILE).stat().st_size % OFFSET_DTYPE.itemsize == 0
+                and (directory / TOKENS_FILE).stat().st_size % TOKEN_DTYPE.itemsize == 0)
+    except OSError:
+        return False
 
 
 def load_prepared(directory: str | Path) -> PreparedCorpus:
