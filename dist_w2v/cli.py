@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from dist_w2v.errors import UserError
+from dist_w2v.errors import RankError, UserError
 
 if TYPE_CHECKING:
     from dist_w2v.data.vocab import Vocab
@@ -115,8 +115,12 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def say_error(message: str) -> None:
-    say_once(f"dist-w2v: error: {message}")
+def say_error(exc: UserError) -> None:
+    line = f"dist-w2v: error: {exc}"
+    if isinstance(exc, RankError):
+        print(line, file=sys.stderr)
+    else:
+        say_once(line)
 
 
 def say_once(line: str) -> None:
@@ -264,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        say_error(str(exc))
+        say_error(exc)
         return 2
     except KeyboardInterrupt:
         # Only train has checkpoints to speak of.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -199,10 +200,15 @@ class DistConfig:
     grad_exchange: str = "auto"
     """How sparse gradients cross ranks: allreduce (gloo's sparse allreduce), allgather (hook),
     dense (hook: allreduce of the densified table), auto (allgather on NCCL, allreduce on gloo)."""
+    timeout_s: float = 1800.0
+    """How long a rank waits for the others, at the start (the rendezvous) and in every
+    collective, before it fails; lower it where a rank that never starts should end a job soon."""
 
     def __post_init__(self) -> None:
         _require_choice(self.backend, "dist.backend", BACKENDS)
         _require_choice(self.grad_exchange, "dist.grad_exchange", GRAD_EXCHANGES)
+        _require(self.timeout_s > 0, "dist.timeout_s",
+                 f"must be > 0 seconds (got {self.timeout_s})")
 
 
 @dataclass
@@ -311,12 +317,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise UserError(f"config: {key} must be an integer (got {value!r})")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             with contextlib.suppress(ValueError):
-                return float(value)
-        raise UserError(f"config: {key} must be a number (got {value!r})")
+                number = float(value)
+        # inf passes every "> 0" check and nan fails them with a misleading message; no setting
+        # means either, so both are refused here, once for every float.
+        if number is None or not math.isfinite(number):
+            raise UserError(f"config: {key} must be a finite number (got {value!r})")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

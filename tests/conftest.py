@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,12 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         env["TMPDIR"] = str(TEST_TMPDIR[0])
     env.update(extra or {})
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300,

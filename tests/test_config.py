@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,20 @@ def test_seeds_outside_32_bits_are_refused(override):
     with pytest.raises(UserError, match=rf"config: {key} must be in \[0, 2\*\*32\)"):
         load_config(None, [override])
     assert load_config(None, [f"{key}={2**32 - 1}"])
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999", "abc"])
+def test_a_float_setting_must_be_a_finite_number(tmp_path, value):
+    """inf passed every "> 0" check (train.lr=inf trained to NaN) and nan failed with a message
+    about the range, not the value."""
+    with pytest.raises(UserError, match=re.escape(
+            f"config: train.lr must be a finite number (got {value!r})")):
+        load_config(None, [f"train.lr={value}"])
+    path = tmp_path / "c.yaml"
+    path.write_text("dist:\n  timeout_s: .inf\n")  # YAML's own infinity, from a config file
+    with pytest.raises(UserError, match=r"config: dist.timeout_s must be a finite number"):
+        load_config(path)
+    assert load_config(None, ["dist.timeout_s=2.5"]).dist.timeout_s == 2.5
 
 
 def test_saved_config_round_trips(tmp_path):

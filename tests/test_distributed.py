@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, SMOKE, cli_env, prepare, run_cli
+from conftest import REPO, SMOKE, cli_env, free_port, prepare, run_cli
 
 from dist_w2v.config import PATHS, Config, load_config
 from dist_w2v.data.examples import Batch
@@ -138,6 +138,27 @@ def test_a_hand_set_launch_environment_is_refused_in_one_line(environ, message):
     assert launch_rank({"RANK": "1"}) == 0  # no WORLD_SIZE: no launch, so rank 0 reports
     assert launch_rank({"RANK": "5", "WORLD_SIZE": "2"}) == 0
     assert launch_rank({"RANK": "1", "WORLD_SIZE": "2"}) == 1
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_says_so_in_one_line_after_dist_timeout(tmp_path, rank):
+    """RANK/WORLD_SIZE set by hand (or a bare srun) with a rank missing: rank 0 waits for
+    clients, rank 1 for a store that is not there. Before, each waited a fixed 30 minutes and
+    then raised torch's traceback, and rank 1's error went unsaid (only rank 0 spoke)."""
+    port = str(free_port())
+    started = time.monotonic()
+    result = run_cli("train", "--config", "configs/ptb-quick.yaml", "--run-dir",
+                     str(tmp_path / "run"), "dist.timeout_s=3", "train.threads=1",
+                     env={"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                          "MASTER_PORT": port}, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"dist-w2v: error: rank {rank} of 2 gave up meeting the other ranks at 127.0.0.1:{port} "
+        "after 3 s ("), result.stderr[-2000:]
+    assert result.stderr.rstrip().endswith("or raise dist.timeout_s")
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "run").exists()
 
 
 def test_auto_exchange_is_allgather_on_nccl_and_nccl_refuses_allreduce():

@@ -9,14 +9,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMOKE, cli_env
+from conftest import REPO, SMOKE, cli_env, free_port
 
 BASH = shutil.which("bash") or "/bin/bash"
 LAUNCH = REPO / "launch" / "train.sh"
@@ -266,12 +265,6 @@ def test_sbatch_outside_slurm_names_the_problem(stubs, slurm_env, missing):
 
 
 # -- the sbatch line for real: SIGUSR2 checkpoints, requeues, and torchrun survives ---------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def process_table() -> dict[int, tuple[int, str]]:

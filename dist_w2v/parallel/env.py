@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from dist_w2v.config import Config
-from dist_w2v.errors import UserError
+from dist_w2v.errors import RankError, UserError
 from dist_w2v.parallel.allocator import keep_freed_memory
 from dist_w2v.parallel.cores import usable_cores
 
@@ -217,22 +217,38 @@ def init_distributed(
     backend = choose_backend(cfg.dist.backend, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(minutes=30)
-    if store is not None:
-        dist.init_process_group(backend, store=store, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout)
-    else:
+    timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
+    if store is None:
         check_rendezvous_address(environ)
-        # torchrun keeps one TCPStore across worker restarts (--max-restarts), and a restarted
-        # group would read the peer addresses the dead attempt left there and dial dead ports
-        # ("Connection refused"); a key prefix per attempt gives every attempt clean keys.
-        store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size,
-                                           timeout=timeout))
-        store = dist.PrefixStore(f"dist-w2v/attempt-{restarts}", store)
-        dist.init_process_group(backend, store=store, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timeout)
+        store = join_rendezvous(launch, restarts, timeout, environ)
+    dist.init_process_group(backend, store=store, rank=launch.rank,
+                            world_size=launch.world_size, timeout=timeout)
     return DistEnv(launch.rank, launch.local_rank, launch.world_size, launch.local_world_size,
                    device, backend, restarts)
+
+
+def join_rendezvous(launch: LaunchInfo, restarts: int, timeout: datetime.timedelta,
+                    environ: Mapping[str, str]) -> dist.Store:
+    """The env:// store every rank meets at, keyed per attempt.
+
+    A rank that waits in vain (a rank never started, a wrong MASTER_ADDR) is a launch mistake:
+    one line naming the address and dist.timeout_s, not torch's traceback.
+    """
+    try:
+        store, _, _ = next(dist.rendezvous("env://", launch.rank, launch.world_size,
+                                           timeout=timeout))
+    except dist.DistError as exc:
+        address = f"{environ['MASTER_ADDR']}:{environ['MASTER_PORT']}"
+        waited = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RankError(
+            f"rank {launch.rank} of {launch.world_size} gave up meeting the other ranks at "
+            f"{address} after {timeout.total_seconds():g} s ({waited}); start all "
+            f"{launch.world_size} ranks with the same MASTER_ADDR and MASTER_PORT, or raise "
+            "dist.timeout_s") from None
+    # torchrun keeps one TCPStore across worker restarts (--max-restarts), and a restarted
+    # group would read the peer addresses the dead attempt left there and dial dead ports
+    # ("Connection refused"); a key prefix per attempt gives every attempt clean keys.
+    return dist.PrefixStore(f"dist-w2v/attempt-{restarts}", store)
 
 
 def check_rendezvous_address(environ: Mapping[str, str]) -> None:
