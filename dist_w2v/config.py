@@ -331,6 +331,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # from a YAML file: off, no, on, yes unquoted
+            raise UserError(f"config: {key} must be a string (got {value!r}: YAML reads off, "
+                            "no, on and yes as true or false); quote the value, e.g. \"off\"")
         raise UserError(f"config: {key} must be a string (got {value!r})")
     raise UserError(f"config: {key} has an unsupported type {annotation}")
 
@@ -355,6 +358,8 @@ def _merge(tree: dict[str, dict[str, Any]], key: str, value: Any) -> None:
     if name not in valid:
         raise UserError(f"config: unknown key {key!r}; {section} accepts {', '.join(valid)}")
     annotation = _section_types(section_cls)[name]
+    if isinstance(value, OverrideText):
+        value = typed_override(value, annotation)
     tree.setdefault(section, {})[name] = _coerce(value, annotation, key)
 
 
@@ -422,16 +427,32 @@ def yaml_error_place(exc: yaml.YAMLError) -> str:
     return f"{place} ({problem})"
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``train.lr=0.003`` -> ("train.lr", 0.003), with YAML typing of the right-hand side."""
+class OverrideText(str):
+    """The right-hand side of a command-line ``key=value``, typed once its field is known
+    (:func:`typed_override`)."""
+
+
+def parse_override(text: str) -> tuple[str, OverrideText]:
+    """``train.lr=0.003`` -> ("train.lr", "0.003"), the value still as written."""
     if "=" not in text:
         raise UserError(f"config: override {text!r} must look like section.field=value")
     key, raw = text.split("=", 1)
+    return key.strip(), OverrideText(raw)
+
+
+def typed_override(raw: str, annotation: Any) -> Any:
+    """A text field takes the value as written: read as YAML, a folder named 2024_01, 12:30 or
+    0x10 became a number, ``x #y`` lost its tail, and ``log.wandb=off`` became false. ``null``
+    and ``~`` still unset a field that may be unset; every other field reads YAML."""
+    options = (typing.get_args(annotation)
+               if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+               else (annotation,))
+    if str in options:
+        return None if type(None) in options and raw in ("null", "~") else str(raw)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        return yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+        return str(raw)
 
 
 def load_config(

@@ -125,6 +125,33 @@ def test_a_float_setting_must_be_a_finite_number(tmp_path, value):
     assert load_config(None, ["dist.timeout_s=2.5"]).dist.timeout_s == 2.5
 
 
+@pytest.mark.parametrize("written", ["2024_01", "12:30", "0x10", "x #y", "a: b", "off", "123"])
+def test_a_text_setting_on_the_command_line_is_taken_as_written(written):
+    """Read as YAML, these folder names became 202401, 750, 16 and "x"; "a: b" and "off" (a
+    mapping, false) were refused as bad values, so `log.wandb=off`, the README's own, failed."""
+    assert load_config(None, [f"data.prepared={written}"]).data.prepared == written
+    assert load_config(None, [f"log.entity={written}"]).log.entity == written
+
+
+def test_the_command_line_still_unsets_and_types_the_other_settings():
+    assert load_config(None, ["log.wandb=off"]).log.wandb == "off"
+    assert load_config(None, ["data.prepared=null"]).data.prepared is None
+    assert load_config(None, ["train.data_seed=~"]).train.data_seed is None
+    cfg = load_config(None, ["train.lr=1e-3", "train.epochs=0x10", "eval.probes=[a, b]",
+                             "log.tags=x,y", "train.cuda_graph=true"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.eval.probes, cfg.log.tags,
+            cfg.train.cuda_graph) == (0.001, 16, ["a", "b"], ["x", "y"], True)
+
+
+def test_an_unquoted_off_in_a_config_file_is_pointed_out(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("log:\n  wandb: off\n")
+    with pytest.raises(UserError, match='log.wandb must be a string .*quote the value, e.g. "off"'):
+        load_config(path)
+    path.write_text("log:\n  wandb: 'off'\n")
+    assert load_config(path).log.wandb == "off"
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(REPO / "configs" / "ptb.yaml", ["train.seed=7"])
     cfg.save(tmp_path / "config.yaml")
