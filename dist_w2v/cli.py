@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -165,6 +166,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError("--workers must be >= 0 (0 = the usable cores)")
     settings = PrepareSettings(args.min_count, args.max_vocab, args.max_sentence_length,
                                args.max_sentences)
+    # SIGTERM (kill, timeout, scancel) would end the process where it stands, leaving its spill
+    # folder (about 4 bytes per token) and the folders it made; as an exit, prepare's cleanup
+    # runs first, and the exit status is still a SIGTERM's.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     prepare(args.inputs, args.out, settings, args.workers, force=args.force)
     return 0
 
@@ -263,6 +268,42 @@ def setting_hint(stray: list[str]) -> str:
     return f" (settings are key=value: {', '.join(f'{k}=VALUE' for k in keys)})" if keys else ""
 
 
+def say_interrupted(command: str) -> int:
+    # Only train has checkpoints to speak of.
+    kept = ("; the checkpoints saved so far are kept (SIGTERM stops with one more)"
+            if command == "train" else "")
+    say_once(f"dist-w2v: interrupted{kept}")
+    return 130
+
+
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's MemoryError, torch's OutOfMemoryError (CUDA) or its
+    CPU allocator's RuntimeError; torch is not imported here for the check."""
+    return (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(exc))
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def memory_hint(command: str) -> str:
+    if command == "train":
+        return ("; the tables and a batch's examples must fit: lower model.dim, "
+                "train.batch_size, data.max_window or data.num_negatives")
+    return "; free memory, or give a smaller input"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -271,11 +312,18 @@ def main(argv: list[str] | None = None) -> int:
         say_error(exc)
         return 2
     except KeyboardInterrupt:
-        # Only train has checkpoints to speak of.
-        kept = ("; the checkpoints saved so far are kept (SIGTERM stops with one more)"
-                if args.command == "train" else "")
-        say_once(f"dist-w2v: interrupted{kept}")
-        return 130
+        return say_interrupted(args.command)
+    except SystemError as exc:
+        # A Ctrl-C that lands inside a numba-compiled function comes out as "SystemError: ...
+        # returned a result with an exception set", the KeyboardInterrupt as its context.
+        if not any(isinstance(e, KeyboardInterrupt) for e in exception_chain(exc)):
+            raise
+        return say_interrupted(args.command)
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        say_error(UserError(f"out of memory ({first_line(exc)}){memory_hint(args.command)}"))
+        return 2
     except BrokenPipeError:
         # `dist-w2v eval | head`: the reader left early, which is no error of ours. Point stdout
         # at /dev/null so the interpreter's final flush does not raise again.

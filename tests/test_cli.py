@@ -149,3 +149,37 @@ def test_ctrl_c_outside_train_does_not_speak_of_checkpoints(tmp_path, monkeypatc
     corpus.write_text("a b c\n")
     assert cli.main(["prepare", str(corpus), "--out", str(tmp_path / "out")]) == 130
     assert capsys.readouterr().err.strip() == "dist-w2v: interrupted"
+
+
+def test_a_ctrl_c_that_numba_turned_into_a_system_error_is_an_interrupt(monkeypatch, capsys):
+    """Ctrl-C inside a numba-compiled function surfaces as "SystemError: CPUDispatcher(...)
+    returned a result with an exception set", the KeyboardInterrupt as its context; it printed
+    a traceback and exited 1, about every other Ctrl-C of a training."""
+    def interrupted_in_numba(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemError("CPUDispatcher(<function _forward>) returned a result with an "
+                              "exception set") from None
+
+    monkeypatch.setattr(cli, "cmd_similar", interrupted_in_numba)
+    monkeypatch.setenv("RANK", "0")
+    assert cli.main(["similar", "--run-dir", "x", "chip"]) == 130
+    assert capsys.readouterr().err == "dist-w2v: interrupted\n"
+
+    def a_real_system_error(args):
+        raise SystemError("a bug, not an interrupt")
+
+    monkeypatch.setattr(cli, "cmd_similar", a_real_system_error)
+    with pytest.raises(SystemError, match="a bug"):
+        cli.main(["similar", "--run-dir", "x", "chip"])
+
+
+def test_a_setting_too_large_for_memory_is_one_line(tmp_path):
+    """model.dim=10**9 asks the allocator for 27 TB: torch's RuntimeError was a traceback."""
+    result = run_cli("train", "--config", "configs/ptb-quick.yaml", "--run-dir",
+                     str(tmp_path / "run"), "train.threads=1", "model.dim=1000000000")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("dist-w2v: error: out of memory (") and "lower model.dim" in line

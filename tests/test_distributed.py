@@ -22,11 +22,20 @@ from conftest import REPO, SMOKE, cli_env, free_port, prepare, run_cli
 
 from dist_w2v.config import PATHS, Config, load_config
 from dist_w2v.data.examples import Batch
+from dist_w2v.data.prepare import prepare as prepare_folder
+from dist_w2v.data.prepared import PrepareSettings
 from dist_w2v.errors import UserError
 from dist_w2v.outputs.metrics import read_metrics
-from dist_w2v.parallel.env import DistEnv, distributed, launch_rank, read_launch_env
+from dist_w2v.parallel.env import (
+    DistEnv,
+    distributed,
+    launch_rank,
+    read_launch_env,
+    same_on_every_rank,
+)
 from dist_w2v.parallel.exchange import resolve_exchange, wrap_model
 from dist_w2v.train.loop import Trainer
+from dist_w2v.train.run import open_corpus
 
 EXCHANGES = ("allreduce", "allgather", "dense")
 FIXED_SHAPE_EXCHANGES = ("allgather", "dense")  # their hooks for the static kernel
@@ -225,7 +234,25 @@ def two_rank_worker(rank: int, ptb: str, workdir: str) -> None:
                              workdir_path / "cache")
             except UserError as exc:
                 results[name] = str(exc)
+        results["same_text"] = same_on_every_rank(env, "one corpus")
+        results["ranks_text"] = same_on_every_rank(env, f"corpus of rank {rank}")
+        results["corpus_error"] = opened_corpus_error(rank, env, workdir_path, ptb)
     torch.save(results, workdir_path / f"rank{rank}.pt")
+
+
+def opened_corpus_error(rank: int, env: DistEnv, workdir: Path, ptb: str) -> str:
+    """What open_corpus says when each rank's load finds another prepare of the folder (as
+    when it is prepared again between the ranks' loads): here two folders, one per rank."""
+    text = workdir / f"text{rank}.txt"
+    text.write_text("a b c d\nb c d a\nc d a b\n" * (rank + 1))
+    prepare_folder([text], workdir / f"corpus{rank}", PrepareSettings(min_count=1),
+            say=lambda _: None)
+    cfg = load_config(None, [f"data.prepared={workdir / f'corpus{rank}'}", "train.threads=1"])
+    try:
+        open_corpus(cfg, env, {"DIST_W2V_DATA": ptb}, lambda _: None)
+    except UserError as exc:
+        return str(exc)
+    return "opened"
 
 
 def spawn(fn, args: tuple, nprocs: int, timeout: float) -> None:
@@ -291,6 +318,15 @@ def test_hooks_give_the_builtin_sparse_allreduce_gradient(two_ranks, case, path,
         # Bit for bit: on two ranks a/2 + b/2 and (a + b)/2 round the same way.
         assert torch.equal(hooked, builtin)
         assert hooked.abs().sum() > 0
+
+
+def test_ranks_that_opened_different_corpora_stop_before_training(two_ranks):
+    """Each rank loads the prepared folder itself: a re-prepare between two ranks' loads had
+    them start on two corpora (DDP's shape check, a traceback; or silently, same shapes)."""
+    assert [r["same_text"] for r in two_ranks] == [True, True]
+    assert [r["ranks_text"] for r in two_ranks] == [False, False]
+    for rank in two_ranks:
+        assert rank["corpus_error"].startswith("the ranks opened different corpora at ")
 
 
 def test_global_batch_and_shards_that_do_not_divide_are_refused(two_ranks):

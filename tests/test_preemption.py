@@ -12,6 +12,7 @@ runs ``scontrol requeue`` itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -97,6 +98,35 @@ def test_usr2_checkpoints_requeues_and_the_next_run_resumes(small_corpus, tmp_pa
     assert (run_dir / "center.npy").is_file()
     epochs = [r["epoch"] for r in metrics(run_dir) if r["kind"] == "epoch"]
     assert epochs == list(range(1, state["epoch"] + 2))
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int:
+    """The worker of the launch whose environment says RANK=rank."""
+    needle = f"RANK={rank}".encode()
+    for pid in alive(proc):
+        with contextlib.suppress(OSError):
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def test_a_usr2_that_reaches_only_rank_1_still_requeues(small_corpus, tmp_path, slurm):
+    """The ranks agree to stop every few steps; a signal that has reached rank 1 but not yet
+    rank 0 stopped them all, and rank 0, which had no reason of its own, logged "stopped by
+    None" and did not requeue: the job ended at SLURM's time limit."""
+    env, calls = slurm
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    command = train_command(2, "--run-dir", str(run_dir), f"data.corpus={small_corpus}", *TINY,
+                            MANY_EPOCHS, "log.every_steps=5")
+    with launched(command, log, env, preexec_fn=ignore_usr2) as proc:
+        wait_for_step_line(run_dir, proc)
+        os.kill(rank_pid(proc, 1), signal.SIGUSR2)
+        code = proc.wait(timeout=120)
+        out = log.read_text()
+        assert code == 0, out
+    assert stop_line_step(out, "SIGUSR2") > 0, out
+    assert "stopped by None" not in out
+    assert calls.read_text() == f"requeue {JOB_ID}\n"
 
 
 def test_sigterm_checkpoints_and_exits_cleanly_without_requeue(small_corpus, tmp_path, slurm):

@@ -7,6 +7,7 @@ import bz2
 import collections
 import fcntl
 import gzip
+import json
 import lzma
 import os
 import random
@@ -299,7 +300,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         run_cli("prepare", str(rare), "--out", str(tmp_path / "o4")))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    assert "cannot write to --out" in one_line_error(
+    assert f"--out {blocker / 'sub'} lies under a file, not a folder" in one_line_error(
         run_cli("prepare", str(rare), "--out", str(blocker / "sub")))
     assert "--min-count (data.min_count) must be >= 1" in one_line_error(
         run_cli("prepare", str(rare), "--out", str(tmp_path / "o5"), "--min-count", "0"))
@@ -464,6 +465,186 @@ def test_a_prepare_killed_before_its_manifest_is_written_is_redone_without_force
         load_prepared(out)
     quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
     load_prepared(out)
+
+
+def test_a_prepare_killed_as_it_writes_its_manifest_is_redone_without_force(
+        tmp_path, small_corpus):
+    """A kill just before the manifest's rename leaves manifest.json.tmp; the next prepare
+    called the folder "already holds files (manifest.json.tmp)" and wanted --force."""
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    (out / "manifest.json").rename(out / "manifest.json.tmp")
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [".prepare.lock", "manifest.json", *FILES])
+    load_prepared(out)
+
+
+def test_a_failed_prepare_removes_only_the_empty_folders_it_made(tmp_path, small_corpus):
+    """It removed the topmost folder it had made, whole: a second prepare's finished corpus,
+    and a user's notes, put beside --out while the first ran, went with it."""
+    cr_only = tmp_path / "cr.txt"
+    cr_only.write_bytes(small_corpus.read_bytes().replace(b"\n", b"\r"))
+    shared = tmp_path / "shared"
+    beside = shared / "news"
+
+    def meanwhile(line):  # the CR-only input is pointed out during the count: the user acts
+        quiet_prepare([small_corpus], beside, PrepareSettings(min_count=2))
+        (shared / "notes.txt").write_text("mine\n")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare([cr_only], shared / "wiki", PrepareSettings(min_count=1), say=lambda m: None,
+                warn=meanwhile)
+    assert not (shared / "wiki").exists()  # made by the failed prepare, and empty again
+    assert (shared / "notes.txt").read_text() == "mine\n"
+    load_prepared(beside)
+
+
+def test_out_through_a_folder_not_made_yet_is_still_checked(tmp_path, small_corpus):
+    """new/../folder reads as missing until new/ exists, so the folder-of-other-files check
+    was skipped and the user's vocab.txt overwritten."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("precious\n")
+    with pytest.raises(UserError, match="already holds files"):
+        quiet_prepare([small_corpus], tmp_path / "new" / ".." / "mine",
+                      PrepareSettings(min_count=2))
+    assert (folder / "vocab.txt").read_text() == "precious\n"
+    assert not (tmp_path / "new").exists()
+
+
+def test_paths_that_cannot_be_reached_are_one_line_errors(tmp_path, small_corpus):
+    long_name = "x" * 300
+    for args in ([str(small_corpus), "--out", str(tmp_path / long_name)],
+                 [str(tmp_path / f"{long_name}.txt"), "--out", str(tmp_path / "o")]):
+        assert "File name too long" in one_line_error(run_cli("prepare", *args))
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    assert f"--out {tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which does not " \
+        "exist" in one_line_error(run_cli("prepare", str(small_corpus), "--out",
+                                          str(tmp_path / "gone")))
+    with pytest.raises(UserError, match="cannot reach prepared corpus .*File name too long"):
+        load_prepared(tmp_path / long_name)
+
+
+def test_paths_under_a_folder_nobody_may_enter_are_one_line_errors(small_corpus):
+    """Path.exists() and is_dir() raise PermissionError there: it was a traceback."""
+    top = Path(tempfile.mkdtemp(prefix="dist-w2v-perm-"))
+    try:
+        (top / "locked" / "inner").mkdir(parents=True)
+        shutil.copy(small_corpus, top / "locked" / "inner" / "a.txt")
+        top.chmod(0o755)
+        (top / "locked").chmod(0o000)
+        inner = top / "locked" / "inner"
+        said = as_nobody(
+            "from dist_w2v.data.prepare import prepare\n"
+            "from dist_w2v.data.prepared import PrepareSettings, load_prepared\n"
+            "for inputs, out in (([sys.argv[1]], sys.argv[2]), ([sys.argv[3]], sys.argv[1])):\n"
+            "    try:\n"
+            "        prepare(inputs, out, PrepareSettings(min_count=1))\n"
+            "    except UserError as exc:\n"
+            "        print(exc)\n"
+            "load_prepared(sys.argv[1])",
+            str(inner / "a.txt"), str(top / "out"), str(top / "mine.txt"))
+        lines = said.strip().splitlines()
+        assert lines[0] == f"cannot reach input {inner / 'a.txt'} (Permission denied); fix " \
+            "the path or its folders' permissions"
+        assert lines[1].startswith(f"cannot use --out {inner / 'a.txt'} (Permission denied)")
+        assert lines[2].startswith(f"cannot reach prepared corpus {inner / 'a.txt'} "
+                                   "(Permission denied)")
+    finally:
+        (top / "locked").chmod(0o755)
+        shutil.rmtree(top)
+
+
+def test_a_prepared_corpus_inside_an_input_folder_is_not_read_as_text(tmp_path):
+    """prepare nest --out nest/v1, then --out nest/v2: v1's manifest, vocab and binary files
+    were read as text (the vocabulary held '{' and '"sha256":')."""
+    nest = tmp_path / "nest"
+    nest.mkdir()
+    (nest / "a.txt").write_text("a b c\nb c a\nc a b\n")
+    first = quiet_prepare([nest], nest / "v1", PrepareSettings(min_count=1))
+    second = quiet_prepare([nest], nest / "v2", PrepareSettings(min_count=1))
+    assert first.manifest["counts"]["raw_tokens"] == second.manifest["counts"]["raw_tokens"] == 9
+    assert "is a prepared corpus, not text" in one_line_error(
+        run_cli("prepare", str(nest / "v1"), "--out", str(tmp_path / "v3")))
+
+
+@pytest.mark.parametrize("name, magic, hint", [
+    ("a.txt", b"\x1f\x8b\x08\x00", "it is gzip data: name it .gz"),
+    ("a.tgz", b"\x1f\x8b\x08\x00", "it is gzip data: name it .gz"),
+    ("a.zip", b"PK\x03\x04", "it is a zip archive: unpack it"),
+    ("a.txt", b"\xff\xfe\x00", "convert it to UTF-8"),
+])
+def test_a_compressed_file_under_another_name_is_named_as_such(tmp_path, name, magic, hint):
+    path = tmp_path / name
+    path.write_bytes(magic + bytes(range(128, 256)))
+    line = one_line_error(run_cli("prepare", str(path), "--out", str(tmp_path / "o")))
+    assert f"input {path} is not UTF-8 text (byte " in line and line.endswith(f"); {hint}")
+
+
+def test_an_edited_manifest_is_one_line(tmp_path, small_corpus):
+    """Infinity as a size was an OverflowError; a tokens.bin of 4k+2 bytes, with the manifest
+    edited to match, numpy's ValueError."""
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    original = (out / "manifest.json").read_text()
+    manifest = json.loads(original)
+    manifest["files"]["tokens.bin"]["bytes"] = float("inf")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="records sizes or checksums that are no whole numbers"):
+        load_prepared(out)
+    manifest = json.loads(original)
+    with open(out / "tokens.bin", "ab") as tokens:
+        tokens.write(b"\x01\x00")
+    manifest["files"]["tokens.bin"]["bytes"] += 2
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="not a whole number of 4-byte values"):
+        load_prepared(out)
+
+
+def test_a_load_while_a_prepare_commits_says_so(tmp_path, small_corpus):
+    """Between a re-prepare's old manifest and its new one (about 45 ms of fsyncs), a run
+    starting on the folder was told it was "never prepared, or interrupted" and to --force."""
+    out = tmp_path / "out"
+    quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))
+    (out / "manifest.json").unlink()
+    fd = open_lock(out / ".prepare.lock")
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"4242 elsewhere\n", 0)
+    try:
+        with pytest.raises(UserError, match=f"prepared corpus {out} is being written by PID "
+                                            "4242 on host elsewhere"):
+            load_prepared(out)
+    finally:
+        os.close(fd)
+    with pytest.raises(UserError, match="no manifest"):
+        load_prepared(out)
+
+
+def test_sigterm_stops_a_prepare_with_its_cleanup(tmp_path, ptb):
+    """kill, timeout and scancel send SIGTERM: it ended the process where it stood, leaving
+    the spill folder (4 bytes a token) and the folders it made."""
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as out:
+        for _ in range(8):
+            out.write((ptb / "ptb.train.txt").read_bytes())
+    target = tmp_path / "new" / "deep" / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "dist_w2v.cli", "prepare", str(big),
+                             "--out", str(target), "--workers", "1"], env=cli_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (target.is_dir() and any(target.glob(".prepare-spill-*"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_prepare_that_loses_the_lock_keeps_the_folder_it_made(tmp_path, small_corpus,

@@ -138,7 +138,8 @@ def alias_table(distribution: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 ROW_BUILDERS = ("compiled", "tensor")
 
 TOO_SMALL = ("cannot draw negatives that differ from the contexts: the vocabulary is too small; "
-             "lower data.min_count or use a larger corpus")
+             "use a larger corpus, or lower data.min_count (for data.prepared: prepare again "
+             "with a lower --min-count or a larger --max-vocab)")
 
 
 class ExampleBuilder:

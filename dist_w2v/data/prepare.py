@@ -57,6 +57,7 @@ import pyarrow.compute as pc
 
 from dist_w2v.data.prepared import (
     DATA_FILES,
+    LOCK_FILE,
     MANIFEST_FILE,
     PreparedWriter,
     PrepareSettings,
@@ -77,7 +78,6 @@ a few blocks in flight per worker stay well under a GB."""
 MERGE_WORDS = 1 << 18
 """Blocks' words wait for a merge until there are this many (or twice the table's size)."""
 SPILL_PREFIX = ".prepare-spill-"
-LOCK_FILE = ".prepare.lock"
 OPENERS: dict[str, Callable[[Path], IO[bytes]]] = {
     ".gz": lambda p: gzip.open(p, "rb"),
     ".bz2": lambda p: bz2.open(p, "rb"),
@@ -101,34 +101,43 @@ class PrepareOutcome:
 
 
 def expand_inputs(inputs: Sequence[str | Path], out: Path) -> list[Path]:
-    """Files as given, folders as their files (recursively, sorted, hidden names skipped,
-    symlinks followed), every file once; files inside ``out`` are left out of folders, and
-    naming one that the prepare would overwrite is refused."""
+    """Files as given, folders as their files (recursively, sorted, hidden names and prepared
+    corpora skipped, symlinks followed), every file once; files inside ``out`` are left out of
+    folders, and naming one that the prepare would overwrite is refused."""
     out_real = out.resolve()
     written = {out_real / name for name in (*DATA_FILES, MANIFEST_FILE)}
     files: list[Path] = []
     for raw in inputs:
         path = Path(raw).expanduser()
-        if path.is_dir():
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise UserError(f"input {path} not found; give text files or folders of them"
+                            ) from None
+        except OSError as exc:  # a folder on the way that cannot be entered, a name too long
+            raise UserError(f"cannot reach input {path} ({exc.strerror}); fix the path or its "
+                            "folders' permissions") from None
+        if stat.S_ISDIR(mode):
             if path.resolve().is_relative_to(out_real):
                 raise UserError(f"input folder {path} lies inside --out {out}, where the "
                                 "prepare writes; give --out a folder of its own")
+            if manifest_kind(path) == "ours":
+                raise UserError(f"input folder {path} is a prepared corpus, not text; give "
+                                "the text files it was prepared from")
             found = [p for p in folder_files(path) if not p.resolve().is_relative_to(out_real)]
             if not found:
                 raise UserError(f"input folder {path} holds no files"
                                 + (f" outside --out {out}" if out_real.is_relative_to(
                                     path.resolve()) else ""))
             files.extend(found)
-        elif path.is_file():
+        elif stat.S_ISREG(mode):
             if path.resolve() in written:
                 raise UserError(f"input {path} is a file that the prepare writes into --out "
                                 f"{out}; give --out another folder")
             files.append(path)
-        elif path.exists():
+        else:
             raise UserError(f"input {path} is not a regular file (a FIFO, socket or device); "
                             "give text files or folders of them")
-        else:
-            raise UserError(f"input {path} not found; give text files or folders of them")
     return _each_once(files)
 
 
@@ -160,8 +169,8 @@ def folder_files(folder: Path) -> list[Path]:
         seen.add((here.st_dev, here.st_ino))
         keep = []
         for name in sorted(dirs):
-            if name.startswith("."):
-                continue
+            if name.startswith(".") or manifest_kind(Path(root, name)) == "ours":
+                continue  # hidden, or a prepared corpus (an earlier --out): its files are no text
             info = os.stat(os.path.join(root, name))
             if (info.st_dev, info.st_ino) not in seen:  # a link back up, or a second link
                 seen.add((info.st_dev, info.st_ino))
@@ -310,6 +319,27 @@ def _spill_paths(spill: Path, index: int) -> tuple[Path, Path, Path]:
     return (stem.with_suffix(".ids"), stem.with_suffix(".lines"), stem.with_suffix(".map"))
 
 
+def _spill(array: np.ndarray, path: Path) -> None:
+    """``array.tofile(path)``, but a failed write keeps the OS's error ("No space left on
+    device"), which tofile turns into "N requested and M written"."""
+    with open(path, "wb") as handle:
+        handle.write(memoryview(np.ascontiguousarray(array)))
+
+
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip data: name it .gz", b"BZh": "bzip2 data: name it .bz2",
+                    b"\xfd7zXZ\x00": "xz data: name it .xz",
+                    b"PK\x03\x04": "a zip archive: unpack it",
+                    b"\x28\xb5\x2f\xfd": "zstd data: decompress it"}
+
+
+def _not_text_hint(head: bytes) -> str:
+    """How to fix an input that is not UTF-8: a compressed file under a plain name is named."""
+    for magic, what in COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            return f"it is {what}"
+    return "convert it to UTF-8"
+
+
 def _as_text(block: Block) -> Any:
     """The block as a one-element pyarrow string array; the cast validates UTF-8."""
     raw = pa.Array.from_buffers(pa.binary(), 1, [
@@ -322,9 +352,10 @@ def _as_text(block: Block) -> Any:
             try:
                 block.data[start:end].decode("utf-8")
             except UnicodeDecodeError as exc:
+                head = block.data[start:start + 8] if offset == 0 else b""
                 raise UserError(f"input {path} is not UTF-8 text (byte {offset + exc.start:,}"
                                 f"{' uncompressed' if path.suffix in OPENERS else ''}); "
-                                "convert it to UTF-8") from None
+                                f"{_not_text_hint(bytes(head))}") from None
         raise UserError(f"input {block.sources[0][0]} is not UTF-8 text; "
                         "convert it to UTF-8") from None
 
@@ -352,8 +383,8 @@ def scan_block(block: Block, spill: Path) -> BlockScan:
     encoded = pc.dictionary_encode(flat)
     ids = encoded.indices.to_numpy(zero_copy_only=False)
     ids_path, lines_path, _ = _spill_paths(spill, block.index)
-    ids.astype(np.int32, copy=False).tofile(ids_path)
-    line_tokens.tofile(lines_path)
+    _spill(ids.astype(np.int32, copy=False), ids_path)
+    _spill(line_tokens, lines_path)
     return BlockScan(
         index=block.index, words=encoded.dictionary,
         counts=np.bincount(ids, minlength=len(encoded.dictionary)),
@@ -402,7 +433,7 @@ class WordCounts:
             local_to_global = ids[start:start + len(scan.words)]
             start += len(scan.words)
             counts[local_to_global] += scan.counts  # distinct within a block
-            local_to_global.astype(np.int32).tofile(_spill_paths(self.spill, scan.index)[2])
+            _spill(local_to_global.astype(np.int32), _spill_paths(self.spill, scan.index)[2])
             scan.words = scan.counts = None  # merged: keep nothing per block but its sizes
         self.counts = counts
         self.waiting, self.waiting_words = [], 0
@@ -601,18 +632,50 @@ def _remove_leftovers(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _make_out(out: Path) -> Path | None:
-    """Create ``out`` and any missing parents; the topmost folder this call created (removed
-    again if the prepare fails), or None when ``out`` was there."""
+def _make_out(out: Path) -> list[Path]:
+    """Create ``out`` and any missing parents; the folders this call created, outermost first
+    (a folder another process made just now is not among them)."""
     missing = [folder for folder in (out, *out.parents) if not folder.exists()]
-    created = None
+    created = []
     for folder in reversed(missing):
         try:
             folder.mkdir()
         except FileExistsError:  # made by another process just now: never ours to remove
             continue
-        created = created or folder
+        created.append(folder)
     return created
+
+
+def _unmake_out(created: list[Path], out: Path, locked: bool) -> None:
+    """Undo :func:`_make_out` after a failure: the folders it created are removed, innermost
+    first, while they are empty. Never a folder with anything in it: another prepare, or the
+    user, may have put files beside ours since (``out``'s lock file goes only with the lock)."""
+    if locked and out in created:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a folder or not there yet; said in one line, whatever is in the way."""
+    try:
+        info = os.stat(out)
+    except FileNotFoundError:
+        if out.is_symlink():
+            raise UserError(f"--out {out} is a link to {os.readlink(out)}, which does not "
+                            "exist; create that folder, or give another --out") from None
+        return
+    except NotADirectoryError:
+        raise UserError(f"--out {out} lies under a file, not a folder; give another --out"
+                        ) from None
+    except OSError as exc:  # a folder on the way that cannot be entered, a name too long
+        raise UserError(f"cannot use --out {out} ({exc.strerror}); give another --out, or fix "
+                        "its folders' permissions") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise UserError(f"--out {out} is a file; give a folder")
 
 
 def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSettings,
@@ -622,25 +685,27 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
     """Prepare ``inputs`` into the folder ``out``; nothing is done when ``out`` already holds
     them under the same settings (unless ``force``, which also lets ``out`` be a folder of
     other files). One prepare at a time writes into ``out``: a second is refused. A failed
-    prepare leaves ``out`` as it found it (the folders it created are removed). ``say`` gets
-    the summary line, ``warn`` (default: stderr) a line about an input read as it may not be
-    meant; ``progress``: None = when stderr is a terminal."""
+    prepare leaves ``out`` as it found it (the empty folders it created are removed). ``say``
+    gets the summary line, ``warn`` (default: stderr) a line about an input read as it may not
+    be meant; ``progress``: None = when stderr is a terminal."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     warn = warn or _to_stderr
+    _check_out(out)
     files = expand_inputs(inputs, out)
     inputs_seen = input_entries(files)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
-    if not force and out.is_dir():
-        _refuse_foreign(out)
-    created = None
+    created: list[Path] = []
     try:
         created = _make_out(out)
+        # Checked once out exists: a path such as new/../folder names a folder that is there,
+        # but reads as missing until new/ has been made.
+        if not force and out not in created:
+            _refuse_foreign(out)
         fd = open_lock(out / LOCK_FILE)
-    except OSError as exc:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+    except (OSError, UserError) as exc:
+        _unmake_out(created, out, locked=False)
+        if isinstance(exc, UserError):
+            raise
         if not force and _up_to_date(out, inputs_seen, settings):  # e.g. a read-only corpus
             return _nothing_to_do(out, say, start)
         raise UserError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
@@ -654,8 +719,8 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
             return _prepare_locked(files, inputs_seen, out, settings, workers, say, warn,
                                    progress, block_bytes)
         except BaseException:
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
+            _remove_leftovers(out)
+            _unmake_out(created, out, locked=True)
             raise
 
 

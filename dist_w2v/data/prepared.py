@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -41,6 +42,7 @@ import numpy as np
 from dist_w2v.atomic import commit, discard, staged, temp_path, write_text_atomically
 from dist_w2v.data.vocab import Vocab, parse_vocab_text, vocab_text
 from dist_w2v.errors import UserError
+from dist_w2v.folder_lock import holder_now
 
 FORMAT = "dist-w2v-prepared"
 VERSION = 1
@@ -51,6 +53,8 @@ MANIFEST_FILE = "manifest.json"
 TOKEN_DTYPE = np.dtype("<i4")
 OFFSET_DTYPE = np.dtype("<i8")
 DATA_FILES = (VOCAB_FILE, TOKENS_FILE, SENTENCES_FILE)
+LOCK_FILE = ".prepare.lock"
+"""Held (flock) by the one prepare writing the folder (folder_lock.py)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,13 @@ class PreparedCorpus:
         """Identifies the token stream: the SHA-256 of tokens.bin, as the manifest records it."""
         return str(self.manifest["files"][TOKENS_FILE]["sha256"])
 
+    @property
+    def identity(self) -> str:
+        """Tells two prepares apart (the SHA-256s of every file), whatever the folder's path:
+        ranks on different nodes may read copies of one corpus at different paths."""
+        files = self.manifest["files"]
+        return " ".join(str(files[name]["sha256"]) for name in DATA_FILES)
+
 
 def _bad(directory: Path, why: str) -> UserError:
     return UserError(f"{directory} is not a usable prepared corpus ({why}); prepare it again "
@@ -193,14 +204,23 @@ def load_prepared(directory: str | Path) -> PreparedCorpus:
     """Open a prepared corpus after checking every file's size and vocab.txt's SHA-256 against
     its manifest (the ids and boundaries are checked as they are read)."""
     directory = Path(directory).expanduser()
-    if directory.is_file():
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        raise UserError(f"prepared corpus {directory} not found; create it with "
+                        f"`dist-w2v prepare INPUT --out {directory}`") from None
+    except OSError as exc:  # a folder on the way that cannot be entered, a name too long
+        raise UserError(f"cannot reach prepared corpus {directory} ({exc.strerror}); fix the "
+                        "path or its folders' permissions") from None
+    if not stat.S_ISDIR(info.st_mode):
         raise UserError(f"prepared corpus {directory} is a file, not a folder written by "
                         "`dist-w2v prepare`; to train on a text file, set data.corpus instead")
-    if not directory.is_dir():
-        raise UserError(f"prepared corpus {directory} not found; create it with "
-                        f"`dist-w2v prepare INPUT --out {directory}`")
     manifest = read_manifest(directory)
     if manifest is None:
+        writer = holder_now(directory / LOCK_FILE)
+        if writer is not None:  # between a re-prepare's old manifest and its new one
+            raise UserError(f"prepared corpus {directory} is being written by {writer} (a "
+                            "dist-w2v prepare); start again once it has finished")
         raise _bad(directory, f"no {MANIFEST_FILE}: never prepared, or the prepare was "
                               "interrupted")
     sizes, vocab_sha256, vocab_size = _recorded(manifest, directory)
@@ -215,6 +235,10 @@ def load_prepared(directory: str | Path) -> PreparedCorpus:
         for name, handle in handles.items():
             if os.fstat(handle.fileno()).st_size != sizes[name]:
                 raise _bad(directory, f"{name} is not the size its manifest records")
+        for name, dtype in ((TOKENS_FILE, TOKEN_DTYPE), (SENTENCES_FILE, OFFSET_DTYPE)):
+            if sizes[name] % dtype.itemsize:
+                raise _bad(directory, f"{name} is {sizes[name]:,} bytes, not a whole number "
+                                      f"of {dtype.itemsize}-byte values")
         vocab_bytes = handles[VOCAB_FILE].read()
         if hashlib.sha256(vocab_bytes).hexdigest() != vocab_sha256:
             raise _bad(directory, f"{VOCAB_FILE} does not match its SHA-256 in the manifest: "
@@ -237,10 +261,17 @@ def _recorded(manifest: dict[str, Any], directory: Path) -> tuple[dict[str, int]
     """What the manifest records of the files: sizes, vocab.txt's SHA-256, the vocab size."""
     try:
         files = manifest["files"]
-        sizes = {name: int(files[name]["bytes"]) for name in DATA_FILES}
-        return sizes, str(files[VOCAB_FILE]["sha256"]), int(manifest["counts"]["vocab_size"])
-    except (KeyError, TypeError, ValueError):
+        sizes = {name: files[name]["bytes"] for name in DATA_FILES}
+        vocab_size = manifest["counts"]["vocab_size"]
+        sha256s = [files[name]["sha256"] for name in DATA_FILES]
+    except (KeyError, TypeError):
         raise _bad(directory, f"{MANIFEST_FILE} lacks the files' sizes and checksums") from None
+    counts = [*sizes.values(), vocab_size]
+    if not all(type(n) is int and n >= 0 for n in counts) or not all(  # json: no bools, inf
+            isinstance(h, str) for h in sha256s):
+        raise _bad(directory, f"{MANIFEST_FILE} records sizes or checksums that are no "
+                              "whole numbers or hex digests: it was edited")
+    return sizes, sha256s[0], vocab_size
 
 
 def _pread(handle: IO[bytes], dtype: np.dtype, start: int, count: int) -> np.ndarray:
@@ -336,4 +367,4 @@ class PreparedWriter:
 
 def work_files(directory: Path) -> list[Path]:
     """Temporary files a killed prepare may have left in ``directory``."""
-    return [temp_path(Path(directory) / name) for name in DATA_FILES]
+    return [temp_path(Path(directory) / name) for name in (*DATA_FILES, MANIFEST_FILE)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -300,12 +301,24 @@ def all_sum(env: DistEnv, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(env: DistEnv, flag: bool) -> bool:
-    """True on every rank when it is true on any rank (stop requests, failures)."""
+    """True on every rank when it is true on any rank (failures)."""
+    return bool(largest_over_ranks(env, int(flag)))
+
+
+def largest_over_ranks(env: DistEnv, value: int) -> int:
+    """The largest of every rank's ``value`` (|value| < 2**53), on every rank."""
     if not env.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device)  # 53 bits exact
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def same_on_every_rank(env: DistEnv, text: str) -> bool:
+    """Whether every rank holds the same ``text`` (compared by a 52-bit digest: a float
+    collective carries it exactly, on NCCL as on gloo); the same answer on every rank."""
+    key = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big") >> 4
+    return largest_over_ranks(env, key) == -largest_over_ranks(env, -key)
 
 
 def on_main_rank(env: DistEnv, action: Callable[[], object]) -> None:

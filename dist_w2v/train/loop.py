@@ -28,7 +28,15 @@ from dist_w2v.model.fast_path import FIXED_SHAPE_KERNELS, resolve_kernel
 from dist_w2v.model.skipgram import SkipGram
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.metrics import NullLogger
-from dist_w2v.parallel.env import DistEnv, all_sum, any_rank, barrier, chunk_builders, on_main_rank
+from dist_w2v.parallel.env import (
+    DistEnv,
+    all_sum,
+    any_rank,
+    barrier,
+    chunk_builders,
+    largest_over_ranks,
+    on_main_rank,
+)
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
 from dist_w2v.train.optim import RowOptimizer, build_optimizer, set_learning_rate
@@ -161,8 +169,9 @@ def restore(found: Found, model: SkipGram, optimizer: torch.optim.Optimizer,
 
 
 NO_EXAMPLES = ("the corpus gives no training examples in epoch {epoch}: no sentence keeps two "
-               "words of the vocabulary after subsampling; train on a larger corpus, or lower "
-               "data.min_count or raise data.subsample_t")
+               "words of the vocabulary after subsampling; train on a larger corpus, raise "
+               "data.subsample_t, or lower data.min_count (for data.prepared: prepare again "
+               "with a lower --min-count or a larger --max-vocab)")
 
 
 class Diverged(UserError):
@@ -434,10 +443,12 @@ class Trainer:
         self.checkpointer.save(payload or {}, self.state.global_step)
 
     def stop_agreed(self) -> bool:
-        """Every STOP_POLL_STEPS steps, whether any rank was asked to stop (all get the answer)."""
+        """Every STOP_POLL_STEPS steps, whether any rank was asked to stop; every rank gets the
+        answer and the reason (rank 0 requeues on a SIGUSR2 that only rank 1 may have seen)."""
         if self.state.global_step % STOP_POLL_STEPS != 0:
             return False
-        return any_rank(self.env, self.stop.requested)
+        self.stop.adopt(largest_over_ranks(self.env, self.stop.code))
+        return self.stop.requested
 
     def maybe_fail(self) -> None:
         """Fault injection for the restart tests: die like a crashed worker, first attempt only."""

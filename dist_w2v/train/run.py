@@ -28,6 +28,7 @@ from dist_w2v.parallel.env import (
     distributed,
     on_main_rank,
     on_node_main,
+    same_on_every_rank,
     user_dirs,
 )
 from dist_w2v.parallel.exchange import resolve_exchange
@@ -129,7 +130,13 @@ def open_corpus(cfg: Config, env: DistEnv, environ: Mapping[str, str],
     the cache when needed; the others then find it there."""
     dirs = user_dirs(environ)
     on_node_main(env, lambda: prepared_dir_for(cfg.data, dirs, say))
-    return load_prepared(prepared_dir_for(cfg.data, dirs, say))
+    corpus = load_prepared(prepared_dir_for(cfg.data, dirs, say))
+    # Each rank opens the folder itself: one that a prepare replaced between two ranks' loads
+    # would have them train on two corpora (or fail in DDP's first shape check).
+    if not same_on_every_rank(env, corpus.identity):
+        raise UserError(f"the ranks opened different corpora at {corpus.directory}: it was "
+                        "prepared again while the run started; start the run again")
+    return corpus
 
 
 def resolve_and_check(trainer: Trainer, resume: str | None, cfg: Config) -> str | None:

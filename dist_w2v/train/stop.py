@@ -22,6 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+PRECEDENCE = ("SIGTERM", "SIGUSR2")
+"""When ranks were stopped by different signals, the later one here is the run's reason: a
+SIGUSR2 anywhere means SLURM is about to end the job, which rank 0 must then requeue."""
 
 
 class StopRequest:
@@ -38,6 +41,16 @@ class StopRequest:
 
     def request(self, reason: str) -> None:
         self.reason = reason
+
+    @property
+    def code(self) -> int:
+        """The reason as a number for a collective (0: none; larger wins, see PRECEDENCE)."""
+        return 0 if self.reason is None else PRECEDENCE.index(self.reason) + 1
+
+    def adopt(self, code: int) -> None:
+        """Take the reason the ranks agreed on: a signal may have reached another rank only."""
+        if code:
+            self.reason = PRECEDENCE[code - 1]
 
     def install(self) -> StopRequest:
         """Catch SIGUSR2 and SIGTERM (main thread only, as Python requires), then unblock them:
