@@ -17,9 +17,12 @@ if TYPE_CHECKING:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train skip-gram (plain, or under torchrun / srun)")
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/ptb.yaml")
-    p.add_argument("--run-dir", help="where outputs and checkpoints go (default runs/CONFIG_NAME)")
-    p.add_argument("--resume", help="'auto' (newest valid checkpoint in the run dir) or a file")
+    p.add_argument("--config", type=path_text, required=True,
+                   help="YAML config, e.g. configs/ptb.yaml")
+    p.add_argument("--run-dir", type=path_text,
+                   help="where outputs and checkpoints go (default runs/CONFIG_NAME)")
+    p.add_argument("--resume", type=path_text,
+                   help="'auto' (newest valid checkpoint in the run dir) or a file")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished run's outputs in --run-dir (otherwise refused)")
     p.add_argument("--check", action="store_true",
@@ -31,10 +34,19 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def path_text(value: str) -> str:
+    """A path argument; an empty one (an unset shell variable) would silently mean the current
+    folder, or for --run-dir the default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; give a path")
+    return value
+
+
 def _add_source(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run-dir", help="a finished run directory")
-    source.add_argument("--checkpoint", help="a checkpoint file instead of a run directory")
+    source.add_argument("--run-dir", type=path_text, help="a finished run directory")
+    source.add_argument("--checkpoint", type=path_text,
+                        help="a checkpoint file instead of a run directory")
 
 
 def _add_similar(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +75,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="word vectors for gensim and other tools (<unk> left out)")
     _add_source(p)
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="file to write (npy also writes OUT.vocab.txt)")
+    p.add_argument("--out", type=path_text, required=True,
+                   help="file to write (npy also writes OUT.vocab.txt)")
     p.set_defaults(func=cmd_export)
 
 
@@ -84,8 +97,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
         description="Whitespace-tokenized text, one sentence per line (files, folders of "
                     "files, .gz/.bz2/.xz), into a prepared corpus folder that "
                     "data.prepared=DIR trains on.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="text file or folder of them")
-    p.add_argument("--out", required=True, help="folder to write (vocab.txt, tokens.bin, ...)")
+    p.add_argument("inputs", type=path_text, nargs="+", metavar="INPUT",
+                   help="text file or folder of them")
+    p.add_argument("--out", type=path_text, required=True,
+                   help="folder to write (vocab.txt, tokens.bin, ...)")
     p.add_argument("--min-count", type=int, default=defaults.min_count,
                    help="drop words seen fewer times (default %(default)s)")
     p.add_argument("--max-vocab", type=int, default=defaults.max_vocab,

@@ -6,11 +6,14 @@ on its own copy of that run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import resource
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,7 +25,15 @@ from dist_w2v.cli import main
 from dist_w2v.config import CkptConfig
 from dist_w2v.outputs.metrics import read_metrics
 from dist_w2v.parallel.env import DistEnv
-from dist_w2v.train.checkpoint import Checkpointer, CorruptCheckpoint, read_checkpoint
+from dist_w2v.train.checkpoint import (
+    STATE_FIELDS,
+    Checkpointer,
+    CorruptCheckpoint,
+    MalformedCheckpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
+from dist_w2v.train.loop import TrainState
 from dist_w2v.train.run import effective_resume
 
 # 70-80 steps per epoch with a checkpoint every 20: saves at 20, 40, 60 and the epoch end; keep 3.
@@ -148,6 +159,128 @@ def test_similar_reports_a_truncated_checkpoint(run_copy, capsys, kept):
     assert one_error_line(capsys.readouterr().err) == (
         f"dist-w2v: error: checkpoint {path} is corrupt or truncated (checksum mismatch); use "
         "another checkpoint of the run, or its --run-dir once it has finished")
+
+
+# -- a checkpoint with a right checksum but a payload that dist-w2v does not write -----------
+
+
+@dataclasses.dataclass
+class Whole:
+    """A payload that replaces the checkpoint's whole payload."""
+
+    payload: Any
+
+
+def rewrite(path: Path, change: Callable[[dict[str, Any]], Any] | Whole) -> None:
+    """Write ``path`` again with its payload changed in place by ``change`` (or replaced by a
+    Whole one), through the real writer: the checksum is right."""
+    payload = read_checkpoint(path)
+    if isinstance(change, Whole):
+        payload = change.payload
+    else:
+        change(payload)
+    with open(path, "wb") as handle:
+        write_checkpoint(handle, payload)
+
+
+def tables(change: Callable[[torch.Tensor], Any]) -> Callable[[dict[str, Any]], None]:
+    def apply(payload: dict[str, Any]) -> None:
+        payload["model"] = {name: change(table) for name, table in payload["model"].items()}
+    return apply
+
+
+def first_nan(table: torch.Tensor) -> torch.Tensor:
+    table = table.clone()
+    table[3, 2] = float("nan")
+    return table
+
+
+MALFORMED = {
+    "minimal": (Whole({"model": {}, "state": {}}), "no optimizer, vocab, config"),
+    "a list": (Whole([1, 2]), "the payload is a list, not a dict"),
+    "a part more": (lambda p: p.update(hook=1), "unknown part hook"),
+    "a state field more": (lambda p: p["state"].update(bogus=1), "unknown bogus"),
+    "a state field less": (lambda p: p["state"].pop("epoch"), "missing epoch"),
+    "state a list": (lambda p: p.update(state=[1, 2]), "state is not a mapping"),
+    "state a string": (lambda p: p["state"].update(step="3"), "state step is '3', not a"),
+    "no config": (lambda p: p.pop("config"), "no config"),
+    "config section a string": (lambda p: p["config"].update(train="x"),
+                                "config section train is not a mapping"),
+    "narrower tables": (tables(lambda t: t[:, :8].clone()),
+                        "config model.dim is 16 but the tables are 8 wide"),
+    "1-D tables": (tables(lambda t: t[:, 0].clone()), "center.weight is not a 2-D float32 tensor"),
+    "int tables": (tables(lambda t: t.to(torch.int64)), "is not a 2-D float32 tensor"),
+    "strings for tables": (tables(lambda t: "a"), "is not a 2-D float32 tensor"),
+    "tables of two shapes": (lambda p: p["model"].update(
+        {"context.weight": p["model"]["context.weight"][:-1].clone()}), "the tables differ"),
+    "a NaN": (tables(first_nan), "center.weight holds 1 of"),
+    "an infinity": (tables(lambda t: t / 0), "values that are NaN or infinite"),
+    "vocab a string": (lambda p: p.update(vocab="x"), "vocab must hold exactly"),
+    "ten words": (lambda p: p["vocab"].update(idx_to_token=p["vocab"]["idx_to_token"][:10]),
+                  "rows but the vocabulary 10 words"),
+    "param_groups a string": (lambda p: p["optimizer"].update(param_groups="zz"),
+                              "optimizer param_groups is not a list of mappings"),
+    "a third parameter": (lambda p: p["optimizer"]["param_groups"][0]["params"].append(2),
+                          "do not list the 2 tables once each"),
+    "moments of another size": (lambda p: p["optimizer"]["state"][0].update(
+        exp_avg=torch.zeros(5, 16)), "optimizer state exp_avg does not fit"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_payload_is_refused_where_it_is_read(run_copy, kept, case):
+    change, problem = MALFORMED[case]
+    path = run_copy / "checkpoints" / kept[0]
+    rewrite(path, change)
+    with pytest.raises(MalformedCheckpoint) as excinfo:
+        read_checkpoint(path, fix="not this advice: the file's own applies")
+    message = str(excinfo.value)
+    assert message.startswith(f"checkpoint {path} is not a valid dist-w2v checkpoint ("), message
+    assert problem in message and "\n" not in message and "not this advice" not in message
+
+
+def test_state_fields_are_the_train_states():
+    """The checkpoint code's list of state fields is TrainState's: a field added to one only
+    would refuse every new checkpoint, or let TrainState(**state) fail on resume."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrainState)}
+    assert {name: kind.__name__ for name, kind in STATE_FIELDS.items()} == {
+        name: kind.split("[")[0] for name, kind in fields.items()}
+
+
+def test_every_loader_refuses_a_malformed_checkpoint_in_one_line(run_copy, corpus, tmp_path,
+                                                                 capsys, kept):
+    """The probe's crashes: a TypeError on resume, zip() in export, a size mismatch."""
+    bad = tmp_path / "bad.pt"
+    shutil.copy(run_copy / "checkpoints" / kept[0], bad)
+    rewrite(bad, MALFORMED["a state field more"][0])
+    out = tmp_path / "vectors.txt"
+    commands = [
+        ["similar", "--checkpoint", str(bad), "stock"],
+        ["export", "--checkpoint", str(bad), "--format", "word2vec-text", "--out", str(out)],
+        ["eval", "--checkpoint", str(bad)],
+    ]
+    for command in commands:
+        assert main(command) == 2, command
+        assert f"checkpoint {bad} is not a valid dist-w2v checkpoint (state fields" in (
+            one_error_line(capsys.readouterr().err))
+    assert not out.exists()
+    shutil.copy(run_copy / "checkpoints" / kept[0], bad)
+    rewrite(bad, MALFORMED["ten words"][0])
+    result = run_cli("train", "--config", "configs/ptb.yaml",
+                     *resume_args(corpus, tmp_path / "new", "--resume", str(bad)))
+    assert result.returncode == 2
+    assert "rows but the vocabulary 10 words" in one_error_line(result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_auto_stops_at_a_malformed_newest_checkpoint(run_copy, corpus, capsys, kept):
+    """Its checksum is right, so it was written so on purpose: not skipped as a damaged one."""
+    newest = run_copy / "checkpoints" / kept[0]
+    rewrite(newest, MALFORMED["narrower tables"][0])
+    assert train(*resume_args(corpus, run_copy), "--resume", "auto") == 2
+    out, err = capsys.readouterr()
+    assert f"move it out of {newest.parent} to resume the one before" in one_error_line(err)
+    assert "skipping" not in out and "resumed from" not in out
 
 
 @pytest.mark.parametrize("override, message", [

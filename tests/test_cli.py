@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import yaml
-from conftest import SMOKE, run_cli
+from conftest import REPO, SMOKE, cli_env, run_cli
 
 from dist_w2v import cli
 from dist_w2v.outputs.metrics import read_metrics
@@ -106,6 +109,19 @@ def test_train_bad_corpus(tmp_path, content, fragment):
      "see `dist-w2v similar --help`"),
     (["export", "--run-dir", "r", "--format", "csv", "--out", "x"],
      "export: argument --format: invalid choice", "see `dist-w2v export --help`"),
+    # An empty path (an unset shell variable) meant the current folder, or the default run dir.
+    (["train", "--config", "configs/ptb.yaml", "--run-dir", ""],
+     "train: argument --run-dir: is empty; give a path", "see `dist-w2v train --help`"),
+    (["train", "--config", ""], "train: argument --config: is empty",
+     "see `dist-w2v train --help`"),
+    (["train", "--config", "configs/ptb.yaml", "--resume", " "],
+     "train: argument --resume: is empty", "see `dist-w2v train --help`"),
+    (["export", "--run-dir", "r", "--format", "npy", "--out", ""],
+     "export: argument --out: is empty", "see `dist-w2v export --help`"),
+    (["similar", "--checkpoint", "", "chip"], "similar: argument --checkpoint: is empty",
+     "see `dist-w2v similar --help`"),
+    (["prepare", "a.txt", "", "--out", "o"], "prepare: argument INPUT: is empty",
+     "see `dist-w2v prepare --help`"),
 ])
 def test_command_line_mistakes_are_one_line(argv, start, end):
     """Not argparse's usage dump: the one error line every other user mistake gets (the middle
@@ -183,3 +199,32 @@ def test_a_setting_too_large_for_memory_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("dist-w2v: error: out of memory (") and "lower model.dim" in line
+
+
+def test_a_full_disk_at_metrics_jsonl_is_one_line_and_leaves_whole_lines(tmp_path, ptb):
+    """RLIMIT_FSIZE stops a write part-way (EFBIG), as a full disk does, here while a training
+    appends its step records: it was a traceback, then a second one from the loss plot reading
+    the half-written line."""
+    corpus = tmp_path / "corpus"
+    prepared = run_cli("prepare", str(ptb / "ptb.train.txt"), "--out", str(corpus),
+                       "--max-sentences", "3000", "--min-count", "5")
+    assert prepared.returncode == 0, prepared.stderr
+    run_dir = tmp_path / "run"
+    limit = 8192  # above config.yaml, far below the first checkpoint (at the epoch's end)
+
+    def file_size_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_w2v.cli", "train", "--config", "configs/ptb-quick.yaml",
+         "--run-dir", str(run_dir), f"data.prepared={corpus}", "train.threads=1",
+         "train.batch_size=64", "log.every_steps=1", "eval.every_epochs=0"],
+        capture_output=True, text=True, timeout=300, env=cli_env(), cwd=REPO,
+        preexec_fn=file_size_limit)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    metrics = run_dir / "metrics.jsonl"
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"dist-w2v: error: cannot write {metrics} (File too large); free space")
+    lines = metrics.read_text().splitlines()
+    assert len(lines) > 10 and all(json.loads(line)["kind"] == "step" for line in lines)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -13,6 +16,7 @@ from conftest import SMOKE, run_cli
 
 from dist_w2v.cli import main
 from dist_w2v.data.vocab import UNK, Vocab
+from dist_w2v.errors import UserError
 from dist_w2v.outputs import export
 from dist_w2v.outputs.artifacts import Embeddings, load_run, save_outputs
 
@@ -93,6 +97,92 @@ def test_export_into_a_missing_folder_is_a_user_error(trained, tmp_path, capsys)
     assert capsys.readouterr().err.strip().splitlines() == [
         f"dist-w2v: error: cannot write {out}: folder {out.parent} does not exist; "
         "create it first"]
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dist-w2v: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name, table, problem", [
+    ("center.npy", np.zeros(7, dtype=np.float32), "is not a 2-D table of floats (a 1-D array"),
+    ("center.npy", np.array([["a", "b"]] * 3), "is not a 2-D table of floats (a 2-D array of <U1"),
+    ("center.npy", np.zeros((3, 16), dtype=np.float32), "has 3 rows but the vocabulary"),
+    ("context.npy", np.zeros((5, 16), dtype=np.float32), "has 5 rows but the vocabulary"),
+    ("context.npy", None, "x 3 but center.npy"),  # as many rows, other width
+])
+def test_a_damaged_run_table_is_named_in_one_line(trained, tmp_path, name, table, problem):
+    run_dir = Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns(
+        "checkpoints")))
+    if table is None:
+        table = np.zeros((len(vocab_words(trained)), 3), dtype=np.float32)
+    np.save(run_dir / name, table)
+    for command in (["similar", "--run-dir", str(run_dir), "stock"],
+                    ["eval", "--run-dir", str(run_dir)],
+                    ["export", "--run-dir", str(run_dir), "--format", "word2vec-text",
+                     "--out", str(tmp_path / "v.txt")]):
+        result = run_cli(*command)
+        assert result.returncode == 2, command
+        line = one_error_line(result.stderr)
+        assert f"error: {run_dir / name} " in line and problem in line, command
+    assert not (tmp_path / "v.txt").exists()
+
+
+def make_special(kind: str, path: Path) -> None:
+    if kind == "character device":
+        os.mknod(path, 0o666 | 0o020000, os.makedev(1, 7))  # like /dev/full
+    elif kind == "FIFO":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+
+
+@pytest.mark.parametrize("kind", ["character device", "FIFO", "socket"])
+def test_export_refuses_an_out_that_is_not_a_regular_file(trained, tmp_path, capsys, kind):
+    """The write renames a temp file over --out, which would replace the device or FIFO."""
+    out = tmp_path / "special"
+    try:
+        make_special(kind, out)
+    except PermissionError:
+        pytest.skip(f"cannot make a {kind} here")
+    before = out.lstat()
+    assert main(["export", "--run-dir", str(trained), "--format", "word2vec-text",
+                 "--out", str(out)]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"dist-w2v: error: refusing to write {out}: it is a {kind}, not a regular file; give a "
+        "file name to --out")
+    after = out.lstat()
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+
+
+@pytest.mark.parametrize("fmt", ["word2vec-text", "npy"])
+def test_export_refuses_a_symlink_and_names_its_target(trained, tmp_path, capsys, fmt):
+    target = tmp_path / "kept.txt"
+    target.write_text("mine\n")
+    link = tmp_path / ("link.npy" if fmt == "npy" else "link.txt")
+    link.symlink_to(target)
+    assert main(["export", "--run-dir", str(trained), "--format", fmt, "--out", str(link)]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        f"dist-w2v: error: refusing to write {link}: it is a symbolic link; give the file it "
+        f"points to ({target}), or another name, to --out")
+    assert link.is_symlink() and target.read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kept.txt", link.name])
+
+
+def test_export_refuses_an_empty_out(trained):
+    """Path("") is Path("."), whose empty name made the .npy export's vocab path a ValueError."""
+    result = run_cli("export", "--run-dir", str(trained), "--format", "npy", "--out", "")
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "--out" in line and "empty" in line
+    emb = load_run(trained)
+    for out in ("", "/"):
+        with pytest.raises(UserError, match=r"^--out is empty or names no file \('[./]'\); give "
+                           "a file name"):
+            export.export_embeddings(emb, "npy", Path(out))
 
 
 def test_similar_answers_known_words_and_names_each_unknown_one(similar_result, similar_answers):

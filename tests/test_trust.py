@@ -33,7 +33,7 @@ from dist_w2v.errors import UserError
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import RunLogger
-from dist_w2v.train.checkpoint import MAGIC, make_payload, read_checkpoint
+from dist_w2v.train.checkpoint import MAGIC, make_payload, read_checkpoint, write_checkpoint
 from dist_w2v.train.lock import run_dir_lock
 
 
@@ -59,6 +59,15 @@ def one_error_line(text: str) -> str:
     errors = [line for line in text.splitlines() if line.startswith("dist-w2v: error:")]
     assert len(errors) == 1 and "Traceback" not in text, text
     return errors[0]
+
+
+def rewritten(path: Path, change) -> None:
+    """``path`` written again through the real writer (so its checksum is right), its payload
+    first changed in place by ``change``."""
+    payload = read_checkpoint(path)
+    change(payload)
+    with open(path, "wb") as handle:
+        write_checkpoint(handle, payload)
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
@@ -243,6 +252,29 @@ def test_non_finite_tables_are_never_written_nor_evaluated(run_copy, tmp_path):
     assert "center table (1 of" in one_error_line(result.stderr)
 
 
+def test_a_checkpoint_with_non_finite_tables_is_refused_at_load(run_copy, corpus, tmp_path):
+    """Not exported, not searched, and not resumed to be stopped as "diverged" a step later."""
+    newest = newest_checkpoint(run_copy)
+
+    def poison(payload) -> None:
+        payload["model"]["context.weight"][7, 1] = float("inf")
+
+    rewritten(newest, poison)
+    out = tmp_path / "v.txt"
+    commands = [
+        ("similar", "--checkpoint", str(newest), "stock"),
+        ("export", "--checkpoint", str(newest), "--format", "word2vec-text", "--out", str(out)),
+        (*train_args(corpus, run_copy, "train.epochs=2"), "--resume", "auto"),
+    ]
+    for command in commands:
+        result = run_cli(*command)
+        assert result.returncode == 2, command
+        line = one_error_line(result.stderr)
+        assert (f"checkpoint {newest} is not a valid dist-w2v checkpoint (context.weight holds 1 "
+                "of") in line and "NaN or infinite" in line and "diverged" not in line, line
+    assert not out.exists()
+
+
 # -- 4. atomic outputs, full disks, export that cannot clobber a run ---------------------------
 
 
@@ -312,6 +344,20 @@ def test_a_refused_resume_leaves_config_yaml_alone(run_copy, corpus, capsys):
     config = (run_copy / "config.yaml").read_bytes()
     assert train_here(*train_args(corpus, run_copy, "model.dim=8"), "--resume", "auto") == 2
     assert "was saved with model.dim=16" in one_error_line(capsys.readouterr().err)
+    assert (run_copy / "config.yaml").read_bytes() == config
+
+
+def test_a_malformed_checkpoint_stops_resume_before_config_yaml_is_written(run_copy, corpus,
+                                                                            capsys):
+    """The probe's case: a checksum-valid newest checkpoint whose state has a field more was
+    read only after config.yaml had been rewritten with the new settings, then crashed."""
+    newest = newest_checkpoint(run_copy)
+    rewritten(newest, lambda payload: payload["state"].update(bogus=1))
+    config = (run_copy / "config.yaml").read_bytes()
+    assert b"epochs: 1" in config
+    assert train_here(*train_args(corpus, run_copy, "train.epochs=3"), "--resume", "auto") == 2
+    assert (f"checkpoint {newest} is not a valid dist-w2v checkpoint (state fields differ from "
+            "this version's (unknown bogus))") in one_error_line(capsys.readouterr().err)
     assert (run_copy / "config.yaml").read_bytes() == config
 
 

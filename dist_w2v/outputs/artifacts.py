@@ -87,12 +87,26 @@ def load_run(run_dir: Path) -> Embeddings:
             f"embeddings in {run_dir} are corrupt; retrain or use a checkpoint"
         ) from None
     vocab = Vocab.load(run_dir / VOCAB_FILE)
-    if center.shape[0] != len(vocab):
-        raise UserError(
-            f"{run_dir}: {CENTER_FILE} has {center.shape[0]} rows but the vocabulary "
-            f"{len(vocab)}; the run directory is inconsistent, retrain or use a checkpoint"
-        )
+    for name, table in ((CENTER_FILE, center), (CONTEXT_FILE, context)):
+        problem = table_problem(table, len(vocab), center.shape)
+        if problem is not None:
+            raise UserError(f"{run_dir / name} {problem}; the run directory is damaged or "
+                            "inconsistent, retrain or use a checkpoint")
     return Embeddings(center, context, vocab)
+
+
+def table_problem(table: np.ndarray, words: int, center_shape: tuple[int, ...]) -> str | None:
+    """Why ``table`` cannot be a run's table of ``words`` rows (the context table's shape must
+    also be the center table's), or None. Checked once here: similar, eval and export index
+    rows and columns of it and would fail deep inside with an IndexError or a TypeError."""
+    if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
+        return f"is not a 2-D table of floats (a {table.ndim}-D array of {table.dtype})"
+    if table.shape[0] != words:
+        return f"has {table.shape[0]} rows but the vocabulary {words} words"
+    if table.shape != center_shape:
+        return (f"is {table.shape[0]} x {table.shape[1]} but {CENTER_FILE} "
+                f"{center_shape[0]} x {center_shape[1]}")
+    return None
 
 
 def load_checkpoint_embeddings(path: Path) -> Embeddings:

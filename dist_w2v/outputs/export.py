@@ -9,6 +9,7 @@ keeps gensim's ``most_similar`` on an export equal to ``similar`` on the run.
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -100,6 +101,31 @@ def protected(target: Path, sources: list[Path]) -> bool:
     return (target.name in RUN_FILES and looks_like_run) or in_checkpoints
 
 
+SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                 (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def refuse_special(target: Path) -> None:
+    """Refuse a ``target`` that exists as anything but a regular file. The write renames a
+    temporary file over it, which would replace a device, FIFO or socket with a plain file,
+    and a symbolic link with a copy, leaving the file it points to as it was."""
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"cannot write {target} ({exc.strerror}); choose another --out") from None
+    if stat.S_ISLNK(mode):
+        raise UserError(f"refusing to write {target}: it is a symbolic link; give the file "
+                        f"it points to ({target.resolve()}), or another name, to --out")
+    if stat.S_ISDIR(mode):
+        raise UserError(f"cannot write {target}: it is a folder; give a file name to --out")
+    for is_kind, kind in SPECIAL_KINDS:
+        if is_kind(mode):
+            raise UserError(f"refusing to write {target}: it is {kind}, not a regular file; give "
+                            "a file name to --out")
+
+
 def export_embeddings(emb: Embeddings, fmt: str, out: Path,
                       sources: list[Path] | None = None) -> list[Path]:
     """Write the word vectors in ``fmt`` to ``out``; returns the files written.
@@ -110,6 +136,9 @@ def export_embeddings(emb: Embeddings, fmt: str, out: Path,
     if fmt not in WRITERS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
+    if not out.name:  # Path("") is Path("."): nothing to name the file after
+        raise UserError(f"--out is empty or names no file ({str(out)!r}); give a file name, "
+                        "e.g. --out vectors.txt")
     if not out.parent.is_dir():
         raise UserError(f"cannot write {out}: folder {out.parent} does not exist; create it first")
     targets = [out, npy_vocab_path(out)] if fmt == "npy" else [out]
@@ -117,8 +146,7 @@ def export_embeddings(emb: Embeddings, fmt: str, out: Path,
         if protected(target, sources or []):
             raise UserError(f"refusing to write {target}: it is a run's own file; choose an "
                             "--out outside the run's files (e.g. vectors.txt next to it)")
-        if target.is_dir():
-            raise UserError(f"cannot write {target}: it is a folder; give a file name to --out")
+        refuse_special(target)
     words, vectors = exported_rows(emb)
     files: list[tuple[Path, Callable[[BinaryIO], object]]] = [
         (out, lambda handle: WRITERS[fmt](words, vectors, handle))]

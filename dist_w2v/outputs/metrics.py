@@ -12,7 +12,9 @@ wandb is imported only when ``log.wandb`` is offline or online, and only on rank
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 import uuid
@@ -108,12 +110,35 @@ class RunLogger(NullLogger):
 
     def rewrite_history(self, history: list[dict[str, Any]]) -> None:
         """On resume: metrics.jsonl becomes exactly what the checkpoint had logged."""
-        write_text_atomically(self.metrics_path,
-                              "".join(strict_json.dumps(r) + "\n" for r in history))
+        try:
+            write_text_atomically(self.metrics_path,
+                                  "".join(strict_json.dumps(r) + "\n" for r in history))
+        except OSError as exc:
+            raise self._unwritable(exc) from None
 
     def _append(self, record: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(strict_json.dumps(record) + "\n")
+        """One whole line or none: a line cut by a full disk would make the file unreadable
+        (the loss plot at the end, and every later reader, parse it)."""
+        line = memoryview((strict_json.dumps(record) + "\n").encode("utf-8"))
+        try:
+            fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
+        try:
+            start = os.fstat(fd).st_size
+            while line:
+                line = line[os.write(fd, line):]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise self._unwritable(exc) from None
+        finally:
+            os.close(fd)
+
+    def _unwritable(self, exc: OSError) -> UserError:
+        return UserError(f"cannot write {self.metrics_path} ({exc.strerror or exc}); free space "
+                         "or fix its permissions, then continue with --resume auto (the "
+                         "checkpoints saved so far are kept)")
 
     def _wandb_log(self, prefix: str, values: dict[str, Any], step: int) -> None:
         if self.wandb_run is not None and values:

@@ -8,9 +8,12 @@ tuple, str, int, float, bool, None), is checked to do so when it is written, and
 ``torch.load(weights_only=True)``, whose unpickler refuses every other class or function. A
 crafted file therefore cannot run code; it is refused with one line naming it. (safetensors would
 need a second file or a JSON sidecar for the optimizer state and history, and a new dependency,
-for the same guarantee.) Files are written by rank 0 to a temporary name in the same directory,
-flushed, fsynced and renamed into place, so the newest complete checkpoint is never replaced by
-a partial one; the other ranks learn the outcome through a collective, not a sleep.
+for the same guarantee.) What is loaded is then checked against the layout :func:`make_payload`
+writes (its parts, their types, shapes that agree with each other, finite tables), so that no
+reader meets a malformed payload as a traceback. Files are written by rank 0 to a temporary name
+in the same directory, flushed, fsynced and renamed into place, so the newest complete checkpoint
+is never replaced by a partial one; the other ranks learn the outcome through a collective, not a
+sleep.
 
 The random stream needs no saved state: an epoch's examples and its shuffle are pure functions
 of (seed, epoch), so (epoch, step) is the whole sampler position.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -33,6 +37,7 @@ import torch
 
 from dist_w2v.atomic import TMP_SUFFIX, write_with
 from dist_w2v.config import CkptConfig
+from dist_w2v.data.vocab import UNK
 from dist_w2v.errors import UserError
 from dist_w2v.parallel.env import DistEnv, any_rank
 
@@ -47,9 +52,18 @@ class CorruptCheckpoint(UserError):
     """A checkpoint file that is truncated, altered or not ours."""
 
 
-class UnsafeCheckpoint(CorruptCheckpoint):
-    """A checkpoint whose digest is right but whose pickle asks for code: made on purpose, not
-    damaged by accident, so ``--resume auto`` stops on it rather than skipping to an older one."""
+class RefusedCheckpoint(CorruptCheckpoint):
+    """A checkpoint whose digest is right but whose content is not what dist-w2v writes: made so
+    on purpose or by another tool, not damaged by accident, so ``--resume auto`` stops on it
+    rather than skipping to an older one, and its message says what to do."""
+
+
+class UnsafeCheckpoint(RefusedCheckpoint):
+    """A pickle that asks for code."""
+
+
+class MalformedCheckpoint(RefusedCheckpoint):
+    """Tensors and plain values, but not laid out as :func:`make_payload` lays them out."""
 
 
 def checkpoint_name(global_step: int) -> str:
@@ -83,6 +97,19 @@ def check_plain(value: Any, where: str = "payload") -> None:
     elif type(value) not in PLAIN_SCALARS and not isinstance(value, torch.Tensor):
         raise TypeError(f"checkpoint {where} is a {type(value).__name__}; a checkpoint holds "
                         "only tensors and plain containers")
+
+
+PAYLOAD_KEYS = ("model", "optimizer", "state", "vocab", "config", "corpus")
+# Checkpoints written before the corpus fingerprint existed lack it; resume then skips that check.
+OPTIONAL_KEYS = ("corpus",)
+TABLES = ("center.weight", "context.weight")
+# The loop's TrainState, field by field (tests/test_checkpoint.py holds the two together): a
+# field more or less would make TrainState(**state) fail, or resume at a position never saved.
+STATE_FIELDS = {
+    "epoch": int, "step": int, "global_step": int, "loss_sum_total": float,
+    "examples_total": int, "epoch_loss_sum": float, "epoch_examples": int,
+    "epoch_seconds": float, "history": list,
+}
 
 
 def make_payload(model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
@@ -142,7 +169,7 @@ def read_checkpoint(path: Path, fix: str | None = None) -> dict[str, Any]:
     """
     try:
         return verified_payload(path)
-    except UnsafeCheckpoint:
+    except RefusedCheckpoint:
         raise  # its message already says what to do
     except CorruptCheckpoint as exc:
         if fix is None:
@@ -173,9 +200,155 @@ def verified_payload(path: Path) -> dict[str, Any]:
         raise CorruptCheckpoint(
             f"checkpoint {path} cannot be loaded ({exc.__class__.__name__})"
         ) from None
-    if not isinstance(payload, dict) or "model" not in payload or "state" not in payload:
-        raise CorruptCheckpoint(f"checkpoint {path} is not a dist-w2v checkpoint")
+    try:
+        check_payload(payload)
+    except Malformed as exc:
+        # Checked once here, where every loader reads: resume, similar, eval and export then
+        # index the payload freely.
+        raise MalformedCheckpoint(
+            f"checkpoint {path} is not a valid dist-w2v checkpoint ({exc}); its checksum is "
+            "right, so it was written like this, not damaged: use another checkpoint (--resume "
+            f"auto stops at this one: move it out of {Path(path).parent} to resume the one "
+            "before)"
+        ) from None
     return payload
+
+
+class Malformed(Exception):
+    """What is wrong with a payload's layout, in a few words."""
+
+
+def require(ok: bool, problem: str) -> None:
+    if not ok:
+        raise Malformed(problem)
+
+
+def is_number(value: Any, kind: type = float) -> bool:
+    """An int (for ``kind=float`` also a finite float); never a bool."""
+    if type(value) is int:
+        return True
+    return kind is float and type(value) is float and math.isfinite(value)
+
+
+def check_payload(payload: Any) -> None:
+    """Raise Malformed unless ``payload`` has every part :func:`make_payload` writes, of its
+    type, with tables, vocabulary, config and optimizer state of one consistent size."""
+    require(type(payload) in PLAIN_MAPPINGS, f"the payload is a {type(payload).__name__}, not a "
+            "dict")
+    missing = [k for k in PAYLOAD_KEYS if k not in payload and k not in OPTIONAL_KEYS]
+    require(not missing, f"no {', '.join(missing)}")
+    extra = sorted(str(k) for k in payload if k not in PAYLOAD_KEYS)
+    require(not extra, f"unknown part {', '.join(extra)}")
+    rows, dim = check_tables(payload["model"])
+    check_vocab(payload["vocab"], rows)
+    check_config(payload["config"], dim)
+    check_state(payload["state"])
+    check_optimizer(payload["optimizer"], rows, dim)
+    require(type(payload.get("corpus", "")) is str, "corpus is not a string")
+
+
+def check_tables(model: Any) -> tuple[int, int]:
+    """The tables' common (rows, dim)."""
+    require(type(model) in PLAIN_MAPPINGS and sorted(model) == sorted(TABLES),
+            f"model must hold exactly {' and '.join(TABLES)}")
+    shapes = set()
+    for name in TABLES:
+        table = model[name]
+        require(isinstance(table, torch.Tensor) and table.layout == torch.strided
+                and table.dtype == torch.float32 and table.dim() == 2,
+                f"{name} is not a 2-D float32 tensor")
+        shapes.add(tuple(table.shape))
+    require(len(shapes) == 1, f"the tables differ in shape ({' and '.join(map(str, shapes))})")
+    for name in TABLES:
+        bad = int(model[name].numel() - torch.isfinite(model[name]).sum())
+        require(bad == 0, f"{name} holds {bad} of {model[name].numel()} values that are NaN or "
+                "infinite")
+    rows, dim = shapes.pop()
+    require(rows >= 1 and dim >= 1, f"the tables are empty ({rows} x {dim})")
+    return rows, dim
+
+
+def check_vocab(vocab: Any, rows: int) -> None:
+    require(type(vocab) in PLAIN_MAPPINGS and sorted(vocab) == ["counts", "idx_to_token"],
+            "vocab must hold exactly idx_to_token and counts")
+    words, counts = vocab["idx_to_token"], vocab["counts"]
+    require(type(words) is list and all(type(w) is str for w in words),
+            "vocab idx_to_token is not a list of words")
+    require(type(counts) is list and all(type(c) is int and c >= 0 for c in counts),
+            "vocab counts is not a list of counts")
+    require(len(words) == len(counts) == rows, f"the tables have {rows} rows but the vocabulary "
+            f"{len(words)} words and {len(counts)} counts")
+    require(words[0] == UNK, f"vocab word 0 is {words[0]!r}, not {UNK}")
+
+
+def check_config(config: Any, dim: int) -> None:
+    """Sections as mappings (resume compares their values) and model.dim the tables' width.
+    Field names are not checked, so a checkpoint of an older version with a since-removed
+    setting still loads."""
+    require(type(config) in PLAIN_MAPPINGS, "config is not a mapping")
+    bad = [str(name) for name, body in config.items() if type(body) not in PLAIN_MAPPINGS]
+    require(not bad, f"config section {', '.join(bad)} is not a mapping")
+    saved = config.get("model", {}).get("dim")
+    require(saved == dim and is_number(saved, int),
+            f"config model.dim is {saved!r} but the tables are {dim} wide")
+
+
+def check_state(state: Any) -> None:
+    require(type(state) in PLAIN_MAPPINGS, "state is not a mapping")
+    missing = [k for k in STATE_FIELDS if k not in state]
+    extra = sorted(str(k) for k in state if k not in STATE_FIELDS)
+    require(not missing and not extra, "state fields differ from this version's ("
+            + "; ".join(f"{what} {', '.join(keys)}" for what, keys in
+                        (("missing", missing), ("unknown", extra)) if keys) + ")")
+    for name, kind in STATE_FIELDS.items():
+        value = state[name]
+        if kind is list:
+            require(type(value) is list and all(type(r) in PLAIN_MAPPINGS and not holds_tensor(r)
+                                                for r in value),
+                    f"state {name} is not a list of records")
+        else:
+            require(is_number(value, kind) and value >= 0,
+                    f"state {name} is {value!r}, not a non-negative "
+                    f"{'integer' if kind is int else 'number'}")
+
+
+def holds_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if type(value) in PLAIN_MAPPINGS:
+        return any(holds_tensor(v) for v in value.values())
+    return type(value) in (list, tuple) and any(holds_tensor(v) for v in value)
+
+
+def check_optimizer(optimizer: Any, rows: int, dim: int) -> None:
+    """The layout of ``torch.optim.Optimizer.state_dict()`` for one group of the two tables:
+    ``load_state_dict`` checks only the group sizes, and an optimizer step would crash on the
+    rest."""
+    require(type(optimizer) in PLAIN_MAPPINGS and sorted(optimizer) == ["param_groups", "state"],
+            "optimizer must hold exactly state and param_groups")
+    groups, state = optimizer["param_groups"], optimizer["state"]
+    require(type(groups) is list and all(type(g) in PLAIN_MAPPINGS for g in groups),
+            "optimizer param_groups is not a list of mappings")
+    params = [p for g in groups for p in (g.get("params") if type(g.get("params")) is list
+                                          else [None])]
+    require(all(type(p) is int for p in params) and sorted(params) == list(range(len(TABLES))),
+            f"optimizer param_groups do not list the {len(TABLES)} tables once each")
+    for group in groups:
+        require(is_number(group.get("lr")), "optimizer lr is not a number")
+        for key, value in group.items():
+            require(key == "params" or type(value) in (int, float, bool, type(None)) or (
+                type(value) in (list, tuple) and all(is_number(v) for v in value)),
+                f"optimizer setting {key} is {type(value).__name__}")
+    require(type(state) in PLAIN_MAPPINGS and all(type(k) is int and k in params for k in state),
+            "optimizer state is not keyed by the tables")
+    for entries in state.values():
+        require(type(entries) in PLAIN_MAPPINGS, "optimizer state entry is not a mapping")
+        for key, value in entries.items():
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            # A per-entry, per-row or scalar statistic (Adam's moments, Adagrad's row sums,
+            # a step count): anything else would not fit the tables it updates.
+            require(shape in ((), (rows,), (rows, dim)) or (shape is None and is_number(value)),
+                    f"optimizer state {key} does not fit {rows} x {dim} tables")
 
 
 @dataclass
@@ -263,7 +436,7 @@ class Checkpointer:
         for number, path in enumerate(candidates, start=1):
             try:
                 return Found(path, read_checkpoint(path))
-            except UnsafeCheckpoint:
+            except RefusedCheckpoint:
                 raise
             except CorruptCheckpoint as exc:
                 older = "; trying the previous checkpoint" if number < len(candidates) else ""
