@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -64,18 +65,29 @@ def stop_line_step(out: str, reason: str) -> int:
     return int(line.split(" at step ")[1].split(";")[0])
 
 
-def test_usr2_checkpoints_requeues_and_the_next_run_resumes(small_corpus, tmp_path, slurm):
-    env, calls = slurm
+def usr2_under_torchrun(small_corpus: Path, tmp_path: Path, env: dict[str, str],
+                        send: Callable[[subprocess.Popen], None]) -> str:
+    """Two ranks under torchrun (SIGUSR2 ignored by torchrun, as under slurm/train.sbatch)
+    training into tmp_path/run; ``send`` signals them once a step line is logged. The log, after
+    torchrun exited 0 with no worker left."""
     run_dir, log = tmp_path / "run", tmp_path / "log"
     command = train_command(2, "--run-dir", str(run_dir), f"data.corpus={small_corpus}", *TINY,
                             MANY_EPOCHS, "log.every_steps=5")
     with launched(command, log, env, preexec_fn=ignore_usr2) as proc:
         wait_for_step_line(run_dir, proc)
-        signal_all(proc, signal.SIGUSR2)
+        send(proc)
         code = proc.wait(timeout=120)
         out = log.read_text()
         assert code == 0, out  # torchrun exits 0 only when both workers did
         assert alive(proc) == [], "a worker outlived torchrun"
+    return out
+
+
+def test_usr2_checkpoints_requeues_and_the_next_run_resumes(small_corpus, tmp_path, slurm):
+    env, calls = slurm
+    run_dir = tmp_path / "run"
+    out = usr2_under_torchrun(small_corpus, tmp_path, env, lambda proc: signal_all(
+        proc, signal.SIGUSR2))
 
     step = stop_line_step(out, "SIGUSR2")
     checkpoint = run_dir / "checkpoints" / f"step-{step:09d}.pt"
@@ -115,15 +127,8 @@ def test_a_usr2_that_reaches_only_rank_1_still_requeues(small_corpus, tmp_path, 
     rank 0 stopped them all, and rank 0, which had no reason of its own, logged "stopped by
     None" and did not requeue: the job ended at SLURM's time limit."""
     env, calls = slurm
-    run_dir, log = tmp_path / "run", tmp_path / "log"
-    command = train_command(2, "--run-dir", str(run_dir), f"data.corpus={small_corpus}", *TINY,
-                            MANY_EPOCHS, "log.every_steps=5")
-    with launched(command, log, env, preexec_fn=ignore_usr2) as proc:
-        wait_for_step_line(run_dir, proc)
-        os.kill(rank_pid(proc, 1), signal.SIGUSR2)
-        code = proc.wait(timeout=120)
-        out = log.read_text()
-        assert code == 0, out
+    out = usr2_under_torchrun(small_corpus, tmp_path, env, lambda proc: os.kill(
+        rank_pid(proc, 1), signal.SIGUSR2))
     assert stop_line_step(out, "SIGUSR2") > 0, out
     assert "stopped by None" not in out
     assert calls.read_text() == f"requeue {JOB_ID}\n"
