@@ -10,7 +10,9 @@ previous file is untouched. Callers turn the error into a one-line :class:`UserE
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -33,13 +35,40 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _in_the_way(tmp: Path) -> OSError:
+    return OSError(errno.EEXIST, f"{tmp} is in the way and is not a file; remove it")
+
+
+def open_temp(path: Path) -> BinaryIO:
+    """``path``'s temp file, created or emptied; never opened through a symlink, nor a FIFO,
+    a device or a hard link that holds the name (as root, a link there would overwrite its
+    target, and a FIFO would block the write forever). Those raise an ``OSError`` naming the
+    file."""
+    tmp = temp_path(Path(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(tmp, flags, 0o644)
+    except OSError as exc:  # ELOOP: a symlink; ENXIO: a FIFO that no one reads
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            raise _in_the_way(tmp) from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        os.close(fd)
+        raise _in_the_way(tmp)
+    os.set_blocking(fd, True)
+    os.ftruncate(fd, 0)  # a leftover of a killed write
+    return os.fdopen(fd, "wb")
+
+
 @contextlib.contextmanager
 def staged(path: Path) -> Iterator[BinaryIO]:
     """Write ``path``'s temp file through the yielded handle, fsynced; the caller renames it
     with :func:`commit` (several staged files can then be renamed together)."""
     tmp = temp_path(Path(path))
+    handle = open_temp(path)  # what is in the way stays: it is not ours to remove
     try:
-        with open(tmp, "wb") as handle:
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())

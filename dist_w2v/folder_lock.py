@@ -42,11 +42,45 @@ def holding(fd: int, refuse: Callable[[str], Exception]) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise refuse(_holder(fd)) from None
+        if os.fstat(fd).st_nlink == 0:
+            # The holder we waited on removed the folder it had made (a run that failed before
+            # writing anything), lock file and all: this file is no one's lock any more.
+            raise refuse("a process that has just removed this folder")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the only descriptor releases the lock
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and any missing parents; the folders this call created, outermost
+    first (one another process made just now is not among them)."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:  # made by another process just now: never ours to remove
+            continue
+        created.append(path)
+    return created
+
+
+def unmake_folders(created: list[Path], lock_file: Path | None = None) -> None:
+    """Undo :func:`make_folders`: the folders it created are removed, innermost first, while
+    they are empty, never one with anything in it (another process, or the user, may have put
+    files there since). ``lock_file``, held by the caller, goes first when it is the last entry
+    of a folder that was created."""
+    if lock_file is not None and lock_file.parent in created:
+        with contextlib.suppress(OSError):
+            if os.listdir(lock_file.parent) == [lock_file.name]:
+                lock_file.unlink()
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return
 
 
 def holder_now(path: Path) -> str | None:

@@ -652,18 +652,18 @@ def test_a_prepare_that_loses_the_lock_keeps_the_folder_it_made(tmp_path, small_
     """The probe's race: this prepare's mkdir made --out, another took the lock first. The
     refused one used to remove --out, and with it the other's corpus."""
     out = tmp_path / "out"
-    real_make_out = prepare_module._make_out
+    real_make_folders = prepare_module.make_folders
     winner: list[int] = []
 
     def made_then_beaten(folder):
-        created = real_make_out(folder)
+        created = real_make_folders(folder)
         fd = open_lock(folder / ".prepare.lock")  # another prepare's descriptor
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.pwrite(fd, b"4242 elsewhere\n", 0)
         winner.append(fd)
         return created
 
-    monkeypatch.setattr(prepare_module, "_make_out", made_then_beaten)
+    monkeypatch.setattr(prepare_module, "make_folders", made_then_beaten)
     try:
         with pytest.raises(UserError, match="is being written by PID 4242 on host elsewhere"):
             quiet_prepare([small_corpus], out, PrepareSettings(min_count=2))

@@ -123,3 +123,18 @@ def test_large_batch_rules_resume_exactly_mid_epoch(corpus, tmp_path, one_thread
     assert train_in_process(*args(corpus, killed, "train.epochs=2", EVERY, *rule),
                             "--resume", "auto") == 0
     assert_same_run(killed, straight)
+
+
+def test_a_step_record_after_a_resume_says_how_many_steps_it_covers(corpus, tmp_path,
+                                                                    one_thread):
+    """Records every 10 steps, a checkpoint at step 25, a crash at 40: the record at step 30
+    of the resumed run holds steps 26-30 only, and says so (its loss is those 5 steps')."""
+    run_dir = tmp_path / "run"
+    code, out = run(train_command(0, *args(corpus, run_dir, "ckpt.every_steps=25",
+                                          "debug.fail_at_step=40")), tmp_path / "log")
+    assert code == 17, out
+    assert train_in_process(*args(corpus, run_dir, "ckpt.every_steps=25"), "--resume",
+                            "auto") == 0
+    covered = {r["global_step"]: r["window_steps"] for r in read_metrics(run_dir)
+               if r["kind"] == "step"}
+    assert covered[20] == 10 and covered[30] == 5 and covered[40] == 10

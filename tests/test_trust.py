@@ -30,6 +30,7 @@ from dist_w2v.cli import main
 from dist_w2v.config import load_config
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.folder_lock import holding
 from dist_w2v.outputs.artifacts import Embeddings, save_outputs
 from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import RunLogger
@@ -198,6 +199,34 @@ def test_a_refused_run_touches_nothing_and_a_killed_holder_leaves_no_lock(run_co
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+def test_a_run_refused_before_writing_leaves_no_run_dir_it_made(tmp_path, corpus):
+    """A missing corpus or a bad --resume FILE used to leave new/run/ holding only .lock."""
+    not_a_checkpoint = tmp_path / "x.pt"
+    not_a_checkpoint.write_bytes(b"junk")
+    new = tmp_path / "new"
+    for extra in (["data.corpus=" + str(tmp_path / "missing.txt")],
+                  ["--resume", str(not_a_checkpoint)]):
+        assert train_here(*train_args(corpus, new / "run"), *extra) == 2
+        assert not new.exists(), extra
+    # A folder that was there stays, and so does a run dir with anything else in it.
+    new.mkdir()
+    (new / "notes.txt").write_text("mine")
+    assert train_here(*train_args(corpus, new), "--resume", str(not_a_checkpoint)) == 2
+    assert sorted(path.name for path in new.iterdir()) == [".lock", "notes.txt"]
+
+
+def test_a_lock_file_removed_by_its_last_holder_is_not_taken(tmp_path):
+    """A run that waited on a lock which its holder then removed with the folder it made would
+    hold a lock no one else can see; it is refused instead."""
+    run_dir = tmp_path / "new" / "run"
+    with run_dir_lock(run_dir):
+        stale = os.open(run_dir / ".lock", os.O_RDWR)  # opened before the holder gives up
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(UserError, match="a process that has just removed this folder"):
+        with holding(stale, lambda holder: UserError(f"in use by {holder}")):
+            pass
+
+
 # -- 3. strict JSON ---------------------------------------------------------------------------
 
 
@@ -326,6 +355,31 @@ def test_an_export_that_fails_leaves_the_previous_export(run_copy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "vectors.txt"]  # no temp file
 
 
+@pytest.mark.parametrize("in_the_way", ["symlink", "hard link", "fifo"])
+def test_a_write_never_goes_through_what_holds_its_temp_name(run_copy, tmp_path, in_the_way):
+    """OUT.tmp was opened as it was: a symlink there had its target overwritten (as root, any
+    file), a hard link truncated the other name's file, and a FIFO blocked the export."""
+    out, temp = tmp_path / "vectors.txt", tmp_path / "vectors.txt.tmp"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    if in_the_way == "symlink":
+        temp.symlink_to(victim)
+    elif in_the_way == "hard link":
+        os.link(victim, temp)
+    else:
+        os.mkfifo(temp)
+    result = run_cli("export", "--run-dir", str(run_copy), "--format", "word2vec-text", "--out",
+                     str(out))
+    assert result.returncode == 2
+    assert f"{temp} is in the way and is not a file; remove it" in one_error_line(result.stderr)
+    assert victim.read_text() == "precious" and not out.exists()
+    assert os.path.lexists(temp)  # not this tool's to remove either
+    temp.unlink()
+    assert main(["export", "--run-dir", str(run_copy), "--format", "word2vec-text", "--out",
+                 str(out)]) == 0
+    assert out.read_text().split("\n", 1)[0].endswith(" 16")  # "WORDS DIM", then the rows
+
+
 # -- 5. no silent overwrite; config.yaml only after the resume checks -------------------------
 
 
@@ -383,6 +437,8 @@ def test_check_passes_silently_and_creates_nothing(corpus, tmp_path):
     (("--resume", "auto", "--overwrite", "--world-size", "2", "dist.grad_exchange=allreduce",
       "dist.backend=nccl"), "dist.backend=nccl needs CUDA devices"),
     (("--resume", "auto", "--overwrite", "--world-size", "0"), "--world-size must be >= 1"),
+    (("--resume", "auto", "--overwrite", "train.cuda_graph=true"),
+     "train.cuda_graph needs one CUDA process"),
 ])
 def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment):
     if extra == ("--resume", "auto"):  # no checkpoint to resume: a fresh start over outputs
@@ -397,6 +453,20 @@ def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment
 def test_check_refuses_cuda_where_there_is_none(corpus, tmp_path, capsys):
     assert train_here(*train_args(corpus, tmp_path / "new"), "--check", "train.device=cuda") == 2
     assert "no CUDA device is visible" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check passes where CUDA is")
+def test_check_refuses_the_triton_kernel_on_cpu_tables(corpus, tmp_path, capsys):
+    assert train_here(*train_args(corpus, tmp_path / "new"), "--check", "train.kernel=triton") == 2
+    assert "train.kernel=triton" in one_error_line(capsys.readouterr().err)
+
+
+def test_check_refuses_a_run_dir_under_a_file(corpus, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    run_dir = tmp_path / "file" / "run"
+    assert train_here(*train_args(corpus, run_dir), "--check") == 2
+    assert (f"cannot write to run directory {run_dir} (not a folder at {tmp_path / 'file'})"
+            in one_error_line(capsys.readouterr().err))
 
 
 def test_world_size_is_an_option_of_check_only(corpus, tmp_path, capsys):

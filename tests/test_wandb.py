@@ -136,8 +136,12 @@ def test_metrics_jsonl_records_steps_epochs_and_evaluations(offline_run):
     _, _, metrics, _ = offline_run
     assert [r["kind"] for r in metrics if r["kind"] != "step"] == ["epoch", "eval"] * 2
     steps = [r for r in metrics if r["kind"] == "step"]
-    assert {"epoch", "step", "steps_in_epoch", "global_step", "loss", "center_words_per_s",
-            "lr"} <= set(steps[0])
+    assert {"epoch", "step", "steps_in_epoch", "global_step", "window_steps", "loss",
+            "center_words_per_s", "lr"} <= set(steps[0])
+    # Each record covers the steps since the previous one of its epoch (or since its start).
+    for before, record in zip([None, *steps[:-1]], steps, strict=True):
+        same_epoch = before is not None and before["epoch"] == record["epoch"]
+        assert record["window_steps"] == record["step"] - (before["step"] if same_epoch else 0)
     assert all(r["global_step"] % 20 == 0 for r in steps)  # logged every 20 global steps
     assert [r["global_step"] for r in steps] == sorted(r["global_step"] for r in steps)
     evaluation = metrics[-1]

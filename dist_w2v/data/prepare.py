@@ -69,7 +69,7 @@ from dist_w2v.data.prepared import (
 )
 from dist_w2v.data.vocab import UNK, Vocab
 from dist_w2v.errors import UserError
-from dist_w2v.folder_lock import holding, open_lock
+from dist_w2v.folder_lock import holding, make_folders, open_lock, unmake_folders
 from dist_w2v.parallel.cores import usable_cores
 
 BLOCK_BYTES = 8 << 20
@@ -632,33 +632,6 @@ def _remove_leftovers(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _make_out(out: Path) -> list[Path]:
-    """Create ``out`` and any missing parents; the folders this call created, outermost first
-    (a folder another process made just now is not among them)."""
-    missing = [folder for folder in (out, *out.parents) if not folder.exists()]
-    created = []
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:  # made by another process just now: never ours to remove
-            continue
-        created.append(folder)
-    return created
-
-
-def _unmake_out(created: list[Path], out: Path, locked: bool) -> None:
-    """Undo :func:`_make_out` after a failure: the folders it created are removed, innermost
-    first, while they are empty. Never a folder with anything in it: another prepare, or the
-    user, may have put files beside ours since (``out``'s lock file goes only with the lock)."""
-    if locked and out in created:
-        (out / LOCK_FILE).unlink(missing_ok=True)
-    for folder in reversed(created):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-
-
 def _check_out(out: Path) -> None:
     """``--out`` must be a folder or not there yet; said in one line, whatever is in the way."""
     try:
@@ -696,14 +669,14 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
     inputs_seen = input_entries(files)
     created: list[Path] = []
     try:
-        created = _make_out(out)
+        created = make_folders(out)
         # Checked once out exists: a path such as new/../folder names a folder that is there,
         # but reads as missing until new/ has been made.
         if not force and out not in created:
             _refuse_foreign(out)
         fd = open_lock(out / LOCK_FILE)
     except (OSError, UserError) as exc:
-        _unmake_out(created, out, locked=False)
+        unmake_folders(created)
         if isinstance(exc, UserError):
             raise
         if not force and _up_to_date(out, inputs_seen, settings):  # e.g. a read-only corpus
@@ -720,7 +693,7 @@ def prepare(inputs: Sequence[str | Path], out: str | Path, settings: PrepareSett
                                    progress, block_bytes)
         except BaseException:
             _remove_leftovers(out)
-            _unmake_out(created, out, locked=True)
+            unmake_folders(created, out / LOCK_FILE)
             raise
 
 

@@ -39,7 +39,14 @@ from typing import IO, Any
 
 import numpy as np
 
-from dist_w2v.atomic import commit, discard, staged, temp_path, write_text_atomically
+from dist_w2v.atomic import (
+    commit,
+    discard,
+    open_temp,
+    staged,
+    temp_path,
+    write_text_atomically,
+)
 from dist_w2v.data.vocab import Vocab, parse_vocab_text, vocab_text
 from dist_w2v.errors import UserError
 from dist_w2v.folder_lock import holder_now
@@ -319,8 +326,8 @@ class PreparedWriter:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._tokens = open(temp_path(self.directory / TOKENS_FILE), "wb")  # noqa: SIM115
-        self._offsets = open(temp_path(self.directory / SENTENCES_FILE), "wb")  # noqa: SIM115
+        self._tokens = open_temp(self.directory / TOKENS_FILE)
+        self._offsets = open_temp(self.directory / SENTENCES_FILE)
         self._offsets.write(np.zeros(1, dtype=OFFSET_DTYPE).tobytes())
         self.num_tokens = 0
         self.num_sentences = 0

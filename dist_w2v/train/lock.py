@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dist_w2v.errors import UserError
-from dist_w2v.folder_lock import holder_now, holding, open_lock
+from dist_w2v.folder_lock import holder_now, holding, make_folders, open_lock, unmake_folders
 
 LOCK_FILE = ".lock"
 
@@ -31,13 +31,22 @@ def check_unlocked(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the block (creating the directory); refuse when taken."""
+    """Hold ``run_dir``'s lock for the block (creating the directory); refuse when taken.
+
+    A run refused before it wrote anything (a missing corpus, another run's checkpoint) leaves
+    no folder behind that it made: an empty run dir holding only a lock would read as a run.
+    """
     run_dir = Path(run_dir)
+    created: list[Path] = []
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        created = make_folders(run_dir)
         fd = open_lock(run_dir / LOCK_FILE)
     except OSError as exc:
+        unmake_folders(created)
         raise UserError(f"cannot write to run directory {run_dir} ({exc.strerror}); "
                         "choose a writable --run-dir") from None
     with holding(fd, lambda holder: _refuse(run_dir, holder)):
-        yield
+        try:
+            yield
+        finally:
+            unmake_folders(created, run_dir / LOCK_FILE)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_w2v.config import Config
+from dist_w2v.config import Config, TrainConfig
 from dist_w2v.data.examples import Batch, ExampleBuilder
 from dist_w2v.data.prepared import PreparedCorpus
 from dist_w2v.data.stream import EpochPlan, RankStream
@@ -39,7 +39,7 @@ from dist_w2v.parallel.env import (
 )
 from dist_w2v.parallel.exchange import ExchangeShape, wrap_model
 from dist_w2v.train.checkpoint import Checkpointer, Found, make_payload
-from dist_w2v.train.optim import RowOptimizer, build_optimizer, set_learning_rate
+from dist_w2v.train.optim import ROW_OPTIMIZERS, build_optimizer, set_learning_rate
 from dist_w2v.train.step import GraphedStep, optimizer_step
 from dist_w2v.train.stop import StopRequest
 
@@ -68,6 +68,51 @@ class TrainResult:
     state: TrainState
     stopped_early: bool
     model: SkipGram
+
+
+def has_fixed_shapes(path: str, kernel: str) -> bool:
+    """Whether every step has the same shapes (static, triton): batches are padded to this
+    rank's full share and nothing in the step reads a device value back."""
+    return path == "fast" and kernel in FIXED_SHAPE_KERNELS
+
+
+class LogWindow:
+    """The steps since the last step record of this epoch: their summed loss (on the device,
+    read only when logged), examples, count, and training seconds."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss.zero_()
+        self.examples, self.steps, self.started = 0, 0, time.perf_counter()
+
+    def add(self, batch_loss: torch.Tensor, examples: int) -> None:
+        self.loss += batch_loss
+        self.examples += examples
+        self.steps += 1
+
+    def leave_out(self, seconds: float) -> None:
+        """Time that was not training (a checkpoint write) does not count in its speed."""
+        self.started += seconds
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def check_cuda_graph(train: TrainConfig, device: torch.device, world_size: int,
+                     kernel: str) -> None:
+    """train.cuda_graph captures a step with fixed shapes that reads nothing back: one CUDA
+    process, a fixed-shape kernel, and an optimizer whose update has fixed shapes too."""
+    if train.cuda_graph and not (device.type == "cuda" and world_size == 1
+                                 and has_fixed_shapes(train.path, kernel)
+                                 and train.optimizer in ROW_OPTIMIZERS):
+        raise UserError(
+            f"train.cuda_graph needs one CUDA process, train.kernel static or triton, and "
+            f"train.optimizer {' or '.join(ROW_OPTIMIZERS)} (here: {device.type}, "
+            f"{world_size} process(es), kernel {kernel}, {train.optimizer}); drop "
+            "train.cuda_graph")
 
 
 def init_model(vocab_size: int, cfg: Config, device: torch.device) -> SkipGram:
@@ -206,7 +251,7 @@ class Trainer:
                                  lambda t: all_sum(env, t), workers, background)
         self.model = init_model(len(self.vocab), cfg, env.device)
         self.optimizer = build_optimizer(cfg.train, self.model, self.fixed_shapes)
-        self.check_cuda_graph()
+        check_cuda_graph(cfg.train, env.device, env.world_size, self.model.kernel)
         self.graphed: GraphedStep | None = None
         warm_up_compiled_kernels(builder, self.model, self.optimizer)
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.ckpt, env, say=self.log.info)
@@ -248,22 +293,9 @@ class Trainer:
             on_main_rank(self.env, lambda: save_outputs(self.run_dir, self.embeddings()))
         return TrainResult(self.state, stopped, self.model)
 
-    def check_cuda_graph(self) -> None:
-        train = self.cfg.train
-        if train.cuda_graph and not (self.env.device.type == "cuda" and not self.env.distributed
-                                     and self.fixed_shapes
-                                     and isinstance(self.optimizer, RowOptimizer)):
-            raise UserError(
-                f"train.cuda_graph needs one CUDA process, train.kernel static or triton, and "
-                f"train.optimizer sgd or rowwise_adagrad (here: {self.env.device.type}, "
-                f"{self.env.world_size} process(es), kernel {self.model.kernel}, "
-                f"{train.optimizer}); drop train.cuda_graph")
-
     @property
     def fixed_shapes(self) -> bool:
-        """Whether every step has the same shapes (static, triton): batches are padded to
-        this rank's full share and nothing in the step reads a device value back."""
-        return self.model.path == "fast" and self.model.kernel in FIXED_SHAPE_KERNELS
+        return has_fixed_shapes(self.model.path, self.model.kernel)
 
     def exchange_shape(self) -> ExchangeShape:
         data = self.cfg.data
@@ -295,8 +327,7 @@ class Trainer:
             # Later, a tiny corpus's draw can come out empty: the run goes on, as it can.
             self.log.info(f"epoch {epoch + 1} drew no examples (a tiny corpus); nothing to train")
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        window_loss = torch.zeros((), dtype=torch.float64, device=self.env.device)
-        window_examples, window_started = 0, time.perf_counter()
+        window = LogWindow(self.env.device)
         while self.state.step < plan.num_steps:
             self.maybe_fail()
             batch = self.stream.next_batch()
@@ -304,17 +335,15 @@ class Trainer:
                 self.stream.prefetch(epoch + 1)  # after this epoch's chunks are under way
             batch_loss = self.train_step(ddp, batch, plan, epoch)
             loss_sum += batch_loss
-            window_loss += batch_loss
             global_size = plan.global_batch_size(self.state.step)
-            window_examples += global_size
+            window.add(batch_loss, global_size)
             self.state.step += 1
             self.state.global_step += 1
             self.state.epoch_examples += global_size
             # Global steps: an epoch may be shorter than the interval (large global batches).
             if self.state.global_step % self.cfg.log.every_steps == 0:
-                self.log_window(window_loss, window_examples, window_started, plan.num_steps)
-                window_loss.zero_()
-                window_examples, window_started = 0, time.perf_counter()
+                self.log_window(window, plan.num_steps)
+                window.restart()
             if self.stop_agreed():
                 self.fold_epoch_loss(loss_sum, started)
                 self.save_checkpoint()
@@ -328,8 +357,11 @@ class Trainer:
             if self.checkpointer.due(self.state.global_step) and self.state.step < plan.num_steps:
                 self.fold_epoch_loss(loss_sum, started)
                 loss_sum.zero_()
+                written = time.perf_counter()
                 self.save_checkpoint()
-                started = time.perf_counter()  # checkpoint writes are not training time
+                # Checkpoint writes are not training time, for the epoch nor for the window.
+                started = time.perf_counter()
+                window.leave_out(started - written)
         self.fold_epoch_loss(loss_sum, started)
         self.finish_epoch(complete=True)
         return False
@@ -351,18 +383,20 @@ class Trainer:
             return self.graphed.step(batch, scale, lr)
         return optimizer_step(ddp, self.optimizer, batch, scale)
 
-    def log_window(self, window_loss: torch.Tensor, window_examples: int, window_started: float,
-                   steps_in_epoch: int) -> None:
-        total = float(all_sum(self.env, window_loss.clone()))
+    def log_window(self, window: LogWindow, steps_in_epoch: int) -> None:
+        """A step record: the loss and speed of the window's steps, ``window_steps`` of them
+        (fewer than log.every_steps after a resume or at the start of an epoch)."""
+        total = float(all_sum(self.env, window.loss.clone()))
         self.check_finite_loss(total)
-        seconds = time.perf_counter() - window_started
+        seconds = window.seconds()
         record = {
             "epoch": self.state.epoch,
             "step": self.state.step,
             "steps_in_epoch": steps_in_epoch,
             "global_step": self.state.global_step,
-            "loss": total / max(window_examples, 1),
-            "center_words_per_s": window_examples / max(seconds, 1e-9),
+            "window_steps": window.steps,
+            "loss": total / max(window.examples, 1),
+            "center_words_per_s": window.examples / max(seconds, 1e-9),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
         self.state.history.append({"kind": "step", **record})

@@ -199,6 +199,10 @@ class RowCappedSGD(RowOptimizer):
 
 
 
+ROW_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+"""The train.optimizer values that :func:`build_optimizer` makes a RowOptimizer of."""
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module,
                     fixed_shapes: bool = False) -> torch.optim.Optimizer:
     """adam (dense moments, as the seed), sparse_adam (lazy: only touched rows), plain SGD, or

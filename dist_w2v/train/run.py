@@ -9,6 +9,7 @@ the lock (one run per directory), checkpoints without ``--resume``, finished out
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from dist_w2v.data.sources import check_data, prepared_dir_for
 from dist_w2v.data.stream import check_shards
 from dist_w2v.data.vocab import Vocab
 from dist_w2v.errors import UserError
+from dist_w2v.model.fast_path import resolve_kernel
 from dist_w2v.outputs.artifacts import CENTER_FILE
 from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
@@ -34,7 +36,7 @@ from dist_w2v.parallel.env import (
 from dist_w2v.parallel.exchange import resolve_exchange
 from dist_w2v.train.checkpoint import Checkpointer, Found
 from dist_w2v.train.lock import check_unlocked, run_dir_lock
-from dist_w2v.train.loop import Trainer, check_compatible, check_same_settings
+from dist_w2v.train.loop import Trainer, check_compatible, check_cuda_graph, check_same_settings
 from dist_w2v.train.stop import StopRequest, requeue_slurm_job
 
 
@@ -78,6 +80,17 @@ def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
         yield
 
 
+def check_writable(run_dir: Path) -> None:
+    """The run dir, or the nearest folder above it that is there, takes new files (--check: the
+    run itself finds out when it takes its lock)."""
+    there = next(folder for folder in (run_dir, *run_dir.parents) if os.path.lexists(folder))
+    problem = ("not a folder" if not there.is_dir()
+               else None if os.access(there, os.W_OK | os.X_OK) else "permission denied")
+    if problem:
+        raise UserError(f"cannot write to run directory {run_dir} ({problem} at {there}); "
+                        "choose a writable --run-dir")
+
+
 def check_run(config_path: str, overrides: list[str], run_dir: str | None, resume: str | None,
               overwrite: bool, environ: Mapping[str, str], world_size: int = 1) -> int:
     """``train --check``: config, device, the shard split of ``world_size`` processes (and for
@@ -90,10 +103,12 @@ def check_run(config_path: str, overrides: list[str], run_dir: str | None, resum
         raise UserError(f"--world-size must be >= 1 (got {world_size})")
     dirs = user_dirs(environ)
     device = choose_device(cfg.train.device, local_rank=0)
+    check_cuda_graph(cfg.train, device, world_size, resolve_kernel(cfg.train.kernel, device))
     if world_size > 1:
         resolve_exchange(cfg.dist.grad_exchange, choose_backend(cfg.dist.backend, device))
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     check_unlocked(run_path)
+    check_writable(run_path)
     checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, DistEnv())
     resume = effective_resume(resume, DistEnv(), checkpointer)
     refuse_finished_outputs(run_path, resume, overwrite, checkpointer)

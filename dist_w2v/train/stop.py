@@ -15,11 +15,13 @@ SIGTERM may reach the workers directly or through torchrun, which forwards it an
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+from dist_w2v.atomic import write_text_atomically
 
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 PRECEDENCE = ("SIGTERM", "SIGUSR2")
@@ -120,11 +122,8 @@ def leave_requeue_marker(path: str, job_id: str, step: int | None,
                          say: Callable[[str], None]) -> bool:
     """Write ``step`` to the batch script's marker file (atomically: temp file, then rename);
     ``unknown`` without a step, which the script requeues without comparing progress."""
-    temp = f"{path}.tmp"
     try:
-        with open(temp, "w") as out:
-            out.write(f"{step if step is not None else 'unknown'}\n")
-        os.replace(temp, path)
+        write_text_atomically(Path(path), f"{step if step is not None else 'unknown'}\n")
     except OSError as exc:
         say(f"cannot write the requeue marker {path} ({exc.strerror}); "
             "resubmit with --resume auto")
