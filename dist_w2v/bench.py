@@ -32,6 +32,7 @@ from typing import Any
 
 from dist_w2v.atomic import write_text_atomically
 from dist_w2v.errors import UserError
+from dist_w2v.outputs.console import print_out
 from dist_w2v.parallel.cores import usable_cores
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -107,8 +108,8 @@ def trainer_overrides(args: argparse.Namespace) -> list[str]:
 def run_bench(args: argparse.Namespace) -> int:
     from dist_w2v.config import load_config
     from dist_w2v.data.sources import check_data
-    from dist_w2v.data.stream import check_shards
     from dist_w2v.parallel.env import user_dirs
+    from dist_w2v.train.run import check_settings
 
     if args.world_size < 1:
         raise UserError("--world-size must be >= 1")
@@ -116,7 +117,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UserError("--gensim-workers must be >= 1")
     cfg = load_config(args.config, trainer_overrides(args))
     # What would make both children fail, refused before either starts.
-    check_shards(cfg.data, cfg.train.batch_size, args.world_size)
+    check_settings(cfg, args.world_size)
     check_data(cfg.data, user_dirs())
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
@@ -134,7 +135,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write to --work-dir {work} ({exc.strerror or exc}); choose a "
                         "writable folder") from None
     machine = describe_machine()
-    print(f"dist-w2v bench: {machine['line']}; work dir {work}", flush=True)
+    print_out(f"dist-w2v bench: {machine['line']}; work dir {work}")
     results = [run_child("ours", {"config": str(config_file), "run_dir": str(fresh_dir(work)),
                                   "world_size": args.world_size,
                                   "torchrun": args.torchrun}, work)]
@@ -143,14 +144,14 @@ def run_bench(args: argparse.Namespace) -> int:
                                             "workers": args.gensim_workers,
                                             "every_epoch": args.ttq is not None}, work))
     table = format_table(machine, results, args.ttq)
-    print(table)
+    print_out(table)
     if out is not None:
         try:
             write_text_atomically(out, table + "\n")
         except OSError as exc:
             raise UserError(f"cannot write --out {out} ({exc.strerror or exc}); the table is "
                             "printed above") from None
-        print(f"wrote {out}")
+        print_out(f"wrote {out}")
     return 0 if all(r.ok for r in results if r.system == "dist-w2v") else 1
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from dist_w2v.errors import RankError, UserError
+from dist_w2v.outputs.console import detach_stdout, print_out
 
 if TYPE_CHECKING:
     from dist_w2v.data.vocab import Vocab
@@ -212,34 +213,30 @@ def cmd_similar(args: argparse.Namespace) -> int:
         if word in unknown:
             continue
         if len(args.words) > 1:
-            print(f"{word}:")
+            print_out(f"{word}:")
         for neighbour, cos in answers[word]:
-            print(f"cosine sim={cos: .3f}: {neighbour}")
+            print_out(f"cosine sim={cos: .3f}: {neighbour}")
     return 2 if unknown else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dist_w2v.config import EvalConfig
     from dist_w2v.outputs import strict_json
-    from dist_w2v.outputs.artifacts import load_embeddings, non_finite_table
+    from dist_w2v.outputs.artifacts import load_embeddings
     from dist_w2v.outputs.evaluate import evaluation_report, format_report, load_benchmarks
 
     if args.k < 1:
         raise UserError("-k must be >= 1")
     benchmarks = load_benchmarks()
     emb = load_embeddings(args.run_dir, args.checkpoint)
-    bad = non_finite_table(emb)
-    if bad is not None:
-        raise UserError(f"{args.run_dir or args.checkpoint}: the {bad}; the run diverged, so "
-                        "there is nothing to evaluate (retrain with a lower train.lr)")
     if args.probes is None:  # PTB words: another corpus may lack some, which are skipped
         probes, unknown = EvalConfig().probes, []
-    else:
-        probes = [w for w in args.probes.split(",") if w]
+    else:  # "stock, chip" means stock and chip: no word of a vocabulary holds a space
+        probes = [w.strip() for w in args.probes.split(",") if w.strip()]
         unknown = report_unknown_words(probes, emb.vocab)
     report = evaluation_report(emb.center, emb.vocab, benchmarks, probes, args.k)
     report = {"source": args.run_dir or args.checkpoint, **report}
-    print(strict_json.dumps(report) if args.json else format_report(report))
+    print_out(strict_json.dumps(report) if args.json else format_report(report))
     return 2 if unknown else 0
 
 
@@ -250,7 +247,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     emb = load_embeddings(args.run_dir, args.checkpoint)
     sources = [Path(p) for p in (args.run_dir, args.checkpoint) if p]
     for path in export_embeddings(emb, args.format, Path(args.out), sources):
-        print(f"wrote {path}")
+        print_out(f"wrote {path}")
     return 0
 
 
@@ -340,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         say_error(UserError(f"out of memory ({first_line(exc)}){memory_hint(args.command)}"))
         return 2
     except BrokenPipeError:
-        # `dist-w2v eval | head`: the reader left early, which is no error of ours. Point stdout
-        # at /dev/null so the interpreter's final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # `dist-w2v eval | head`: the reader left early, which is no error of ours.
+        detach_stdout()
         return 0
 
 

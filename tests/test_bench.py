@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import torch
 from conftest import run_cli
 
 
@@ -46,20 +47,29 @@ def test_bench_rejects_a_bad_setting_in_one_line(tmp_path):
 
 
 def test_bench_refuses_what_would_fail_only_after_training(tmp_path):
-    """A batch the shards cannot split, a corpus that is not there, an --out or --work-dir that
-    cannot be written: one line each, before either system trains."""
+    """A batch the shards cannot split, settings the device refuses, a corpus that is not
+    there, an --out or --work-dir that cannot be written: one line each, before either system
+    trains, and no temp work dir left behind."""
     a_file = tmp_path / "file.txt"
     a_file.write_text("x\n")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     cases = [
         (["--batch-size", "100"], "train.batch_size=100 must divide by data.shards=16"),
+        (["train.kernel=triton", "train.device=cpu"], "train.kernel=triton runs on CUDA tables"),
+        (["train.cuda_graph=true", "train.device=cpu"], "train.cuda_graph needs one CUDA process"),
         (["data.corpus=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt not found"),
         (["--out", str(tmp_path / "none" / "bench.md")], f"folder {tmp_path / 'none'} not found"),
         (["--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
         (["--work-dir", str(a_file)], f"cannot write to --work-dir {a_file}"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "train.device=cuda but no CUDA device is visible"))
     for args, fragment in cases:
-        result = run_cli("bench", "--skip-gensim", "--epochs", "1", *args)
+        result = run_cli("bench", "--skip-gensim", "--epochs", "1", *args,
+                         env={"TMPDIR": str(temp)})
         assert result.returncode == 2, (args, result.stdout[-500:], result.stderr[-2000:])
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0], (args, result.stderr[-2000:])
         assert "dist-w2v bench:" not in result.stdout  # refused before any child started
+    assert list(temp.iterdir()) == []

@@ -105,28 +105,86 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def damage(path: Path, content) -> None:
+    """``content``: an array to save, bytes to write, a JSON value, or None to delete ``path``."""
+    if content is None:
+        path.unlink()
+    elif isinstance(content, np.ndarray):
+        np.save(path, content)
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(json.dumps(content))
+
+
+def assert_refused_by_every_reader(run_dir: Path, out: Path, *fragments: str) -> None:
+    """similar, eval and export each exit 2 with one line holding ``fragments``; nothing is
+    written."""
+    for command in (["similar", "--run-dir", str(run_dir), "stock"],
+                    ["eval", "--run-dir", str(run_dir)],
+                    ["export", "--run-dir", str(run_dir), "--format", "word2vec-text",
+                     "--out", str(out)]):
+        result = run_cli(*command)
+        assert result.returncode == 2 and result.stdout == "", (command, result.stderr)
+        line = one_error_line(result.stderr)
+        assert all(fragment in line for fragment in fragments), (command, line)
+    assert not out.exists()
+
+
+@pytest.fixture
+def run_dir_copy(trained, tmp_path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns(
+        "checkpoints")))
+
+
 @pytest.mark.parametrize("name, table, problem", [
     ("center.npy", np.zeros(7, dtype=np.float32), "is not a 2-D table of floats (a 1-D array"),
     ("center.npy", np.array([["a", "b"]] * 3), "is not a 2-D table of floats (a 2-D array of <U1"),
     ("center.npy", np.zeros((3, 16), dtype=np.float32), "has 3 rows but the vocabulary"),
     ("context.npy", np.zeros((5, 16), dtype=np.float32), "has 5 rows but the vocabulary"),
-    ("context.npy", None, "x 3 but center.npy"),  # as many rows, other width
+    ("context.npy", "other width", "x 3 but center.npy"),  # as many rows, other width
+    ("center.npy", "no columns", "has no columns (a table of 0 dimensions)"),
+    ("center.npy", b"", "is corrupt (not a .npy table)"),  # np.load raised EOFError
+    ("context.npy", b"\x93NUMPY garbage", "is corrupt (not a .npy table)"),
+    ("context.npy", None, "is missing; the run directory is incomplete"),
 ])
-def test_a_damaged_run_table_is_named_in_one_line(trained, tmp_path, name, table, problem):
-    run_dir = Path(shutil.copytree(trained, tmp_path / "run", ignore=shutil.ignore_patterns(
-        "checkpoints")))
-    if table is None:
-        table = np.zeros((len(vocab_words(trained)), 3), dtype=np.float32)
-    np.save(run_dir / name, table)
-    for command in (["similar", "--run-dir", str(run_dir), "stock"],
-                    ["eval", "--run-dir", str(run_dir)],
-                    ["export", "--run-dir", str(run_dir), "--format", "word2vec-text",
-                     "--out", str(tmp_path / "v.txt")]):
-        result = run_cli(*command)
-        assert result.returncode == 2, command
-        line = one_error_line(result.stderr)
-        assert f"error: {run_dir / name} " in line and problem in line, command
-    assert not (tmp_path / "v.txt").exists()
+def test_a_damaged_run_table_is_named_in_one_line(trained, run_dir_copy, tmp_path, name, table,
+                                                  problem):
+    if isinstance(table, str):
+        words = len(vocab_words(trained))
+        table = np.zeros((words, 3 if table == "other width" else 0), dtype=np.float32)
+    damage(run_dir_copy / name, table)
+    assert_refused_by_every_reader(run_dir_copy, tmp_path / "v.txt",
+                                   f"error: {run_dir_copy / name} ", problem)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("ints", "vocab idx_to_token is not a list of words"),
+    ("one string", "vocab idx_to_token is not a list of words"),
+    ("short counts", "words but"),
+    ("float counts", "vocab counts is not a list of counts"),
+    ("no unk", "vocab word 0 is 'stock', not <unk>"),
+    ({"idx_to_token": ["<unk>"]}, "vocab must hold exactly idx_to_token and counts"),
+    (b"{not json", "it is not JSON"),
+    (None, "is missing; the run directory is incomplete"),
+])
+def test_a_damaged_run_vocabulary_is_named_in_one_line(trained, run_dir_copy, tmp_path, content,
+                                                       problem):
+    """Before, numbers for words crashed export and made eval print nan with exit 0; fewer
+    counts than words, or the words as one string, loaded as if nothing were wrong."""
+    raw = json.loads((trained / "vocab.json").read_text())
+    words, counts = raw["idx_to_token"], raw["counts"]
+    content = {
+        "ints": {"idx_to_token": list(range(len(words))), "counts": counts},
+        "one string": {"idx_to_token": " ".join(words), "counts": counts},
+        "short counts": {"idx_to_token": words, "counts": counts[:-1]},
+        "float counts": {"idx_to_token": words, "counts": [float(c) for c in counts]},
+        "no unk": {"idx_to_token": ["stock", *words[1:]], "counts": counts},
+    }.get(content, content) if isinstance(content, str) else content
+    damage(run_dir_copy / "vocab.json", content)
+    assert_refused_by_every_reader(run_dir_copy, tmp_path / "v.txt",
+                                   f"error: vocabulary file {run_dir_copy / 'vocab.json'} ",
+                                   problem)
 
 
 def make_special(kind: str, path: Path) -> None:

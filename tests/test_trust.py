@@ -276,9 +276,13 @@ def test_non_finite_tables_are_never_written_nor_evaluated(run_copy, tmp_path):
         save_outputs(fresh, Embeddings(center, context, vocab))
     assert list(fresh.iterdir()) == []
     np.save(run_copy / "center.npy", center)  # a diverged table that reached the disk anyway
-    result = run_cli("eval", "--run-dir", str(run_copy), "--json")
-    assert result.returncode == 2 and result.stdout == ""
-    assert "center table (1 of" in one_error_line(result.stderr)
+    out = tmp_path / "v.txt"
+    for command in (("eval", "--json"), ("similar", "stock"),
+                    ("export", "--format", "word2vec-text", "--out", str(out))):
+        result = run_cli(command[0], "--run-dir", str(run_copy), *command[1:])
+        assert result.returncode == 2 and result.stdout == "", command
+        assert "center table (1 of" in one_error_line(result.stderr), command
+    assert not out.exists()
 
 
 def test_a_checkpoint_with_non_finite_tables_is_refused_at_load(run_copy, corpus, tmp_path):
@@ -378,6 +382,52 @@ def test_a_write_never_goes_through_what_holds_its_temp_name(run_copy, tmp_path,
     assert main(["export", "--run-dir", str(run_copy), "--format", "word2vec-text", "--out",
                  str(out)]) == 0
     assert out.read_text().split("\n", 1)[0].endswith(" 16")  # "WORDS DIM", then the rows
+
+
+def cli_with_stdout(stdout, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dist_w2v.cli", *args], stdout=stdout,
+                            stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO)
+
+
+def reader_commands(run_dir: Path, out: Path) -> list[tuple[str, ...]]:
+    return [("similar", "--run-dir", str(run_dir), "stock", "-k", "5"),
+            ("eval", "--run-dir", str(run_dir)),
+            ("export", "--run-dir", str(run_dir), "--format", "word2vec-text", "--out", str(out))]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_stdout_that_cannot_be_written_is_one_line(trained, corpus, tmp_path):
+    """/dev/full takes no byte, like a full disk behind `> file`: similar, eval and export
+    give one line and exit 2 (they gave an OSError traceback, exit 1); a training run's
+    console log stops with one warning, and the run finishes (it ended at its first line)."""
+    with open("/dev/full", "w") as full:
+        for command in reader_commands(trained, tmp_path / "v.txt"):
+            proc = cli_with_stdout(full, *command)
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 2, (command, err)
+            assert one_error_line(err) == (
+                "dist-w2v: error: cannot write the output to stdout (No space left on device); "
+                "free space where it goes, or send it elsewhere"), command
+        run_dir = tmp_path / "run"
+        proc = cli_with_stdout(full, *train_args(corpus, run_dir, "train.epochs=2"))
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert err.strip().splitlines() == [
+        "dist-w2v: warning: cannot write the log to the console (No space left on device); "
+        f"training goes on, and {run_dir / 'metrics.jsonl'} keeps every record"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert (run_dir / "center.npy").is_file()
+
+
+def test_a_reader_that_leaves_early_is_no_error(trained, tmp_path):
+    """`dist-w2v similar ... | head -0`: the pipe closes before the first line; no traceback,
+    no error line, exit 0."""
+    for command in reader_commands(trained, tmp_path / "v.txt"):
+        proc = cli_with_stdout(subprocess.PIPE, *command)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 0 and err == "", (command, err)
 
 
 # -- 5. no silent overwrite; config.yaml only after the resume checks -------------------------

@@ -30,6 +30,7 @@ class Vocab:
     counts: np.ndarray
 
     def __post_init__(self) -> None:
+        self.counts = np.asarray(self.counts, dtype=np.int64)  # saved as ints (dict_problem)
         self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
 
     def __len__(self) -> int:
@@ -53,6 +54,7 @@ class Vocab:
 
     @classmethod
     def from_dict(cls, raw: dict[str, list]) -> Vocab:
+        """The inverse of :meth:`to_dict`, of a dict that :func:`dict_problem` passed."""
         return cls(list(raw["idx_to_token"]), np.asarray(raw["counts"], dtype=np.int64))
 
     def save(self, path: Path) -> None:
@@ -61,9 +63,37 @@ class Vocab:
     @classmethod
     def load(cls, path: Path) -> Vocab:
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"vocabulary file {path} is missing or corrupt") from None
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"vocabulary file {path} is missing; the run directory is "
+                            "incomplete, retrain or use a checkpoint") from None
+        except (OSError, ValueError):
+            raw = None
+        problem = "it is not JSON" if raw is None else dict_problem(raw)
+        if problem is not None:
+            raise UserError(f"vocabulary file {path} is corrupt ({problem}); retrain or use a "
+                            "checkpoint")
+        return cls.from_dict(raw)
+
+
+def dict_problem(raw: object) -> str | None:
+    """What keeps ``raw`` from being a :meth:`Vocab.to_dict` (in a few words), or None.
+
+    Checked on every load, of a run directory or a checkpoint: a list of numbers for words, or
+    fewer counts than words, would otherwise load and fail (or score nan) deep inside eval and
+    export."""
+    if type(raw) is not dict or sorted(raw) != ["counts", "idx_to_token"]:
+        return "vocab must hold exactly idx_to_token and counts"
+    words, counts = raw["idx_to_token"], raw["counts"]
+    if type(words) is not list or not all(type(w) is str for w in words):
+        return "vocab idx_to_token is not a list of words"
+    if type(counts) is not list or not all(type(c) is int and c >= 0 for c in counts):
+        return "vocab counts is not a list of counts"
+    if len(words) != len(counts):
+        return f"vocab has {len(words)} words but {len(counts)} counts"
+    if not words or words[0] != UNK:
+        return f"vocab word 0 is {words[0] if words else None!r}, not {UNK}"
+    return None
 
 
 def vocab_text(vocab: Vocab) -> str:

@@ -38,10 +38,17 @@ class Embeddings:
 def non_finite_table(embeddings: Embeddings) -> str | None:
     """"center table (12 of 1600 values are NaN or infinite)", or None when both are finite."""
     for name, table in (("center", embeddings.center), ("context", embeddings.context)):
-        bad = int(table.size - np.isfinite(table).sum())
+        bad = non_finite_count(table)
         if bad:
             return f"{name} table ({bad} of {table.size} values are NaN or infinite)"
     return None
+
+
+def non_finite_count(table: np.ndarray, block_rows: int = 65_536) -> int:
+    """Counted block by block: a memory-mapped 1M-word table is not read into memory whole."""
+    return sum(int(block.size - np.isfinite(block).sum())
+               for block in (table[start:start + block_rows]
+                             for start in range(0, len(table), block_rows)))
 
 
 def save_outputs(run_dir: Path, embeddings: Embeddings) -> None:
@@ -68,6 +75,8 @@ def save_outputs(run_dir: Path, embeddings: Embeddings) -> None:
 
 
 def load_run(run_dir: Path) -> Embeddings:
+    """A finished run's tables and vocabulary, each checked: similar, eval and export index
+    them and would fail deep inside (or print nan) on a damaged run directory."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise UserError(f"{run_dir} is a file, not a run directory; pass the run's folder to "
@@ -77,22 +86,33 @@ def load_run(run_dir: Path) -> Embeddings:
             f"{run_dir} holds no trained embeddings ({CENTER_FILE} missing); "
             "pass the --run-dir of a finished `dist-w2v train`, or --checkpoint FILE"
         )
-    try:
-        # Memory-mapped, read-only: similar, eval and export read the center table block by
-        # block, and the context table not at all, so a 1M-word run never sits in memory twice.
-        center = np.load(run_dir / CENTER_FILE, mmap_mode="r")
-        context = np.load(run_dir / CONTEXT_FILE, mmap_mode="r")
-    except (OSError, ValueError):
-        raise UserError(
-            f"embeddings in {run_dir} are corrupt; retrain or use a checkpoint"
-        ) from None
+    center, context = (read_table(run_dir / name) for name in (CENTER_FILE, CONTEXT_FILE))
     vocab = Vocab.load(run_dir / VOCAB_FILE)
     for name, table in ((CENTER_FILE, center), (CONTEXT_FILE, context)):
         problem = table_problem(table, len(vocab), center.shape)
         if problem is not None:
             raise UserError(f"{run_dir / name} {problem}; the run directory is damaged or "
                             "inconsistent, retrain or use a checkpoint")
-    return Embeddings(center, context, vocab)
+    embeddings = Embeddings(center, context, vocab)
+    bad = non_finite_table(embeddings)
+    if bad is not None:  # train never writes such tables (save_outputs): damaged since
+        raise UserError(f"{run_dir}: the {bad}; the run directory is damaged, retrain or use a "
+                        "checkpoint")
+    return embeddings
+
+
+def read_table(path: Path) -> np.ndarray:
+    """A table file, memory-mapped read-only: similar, eval and export read the center table
+    block by block, and the context table hardly at all, so a 1M-word run never sits in memory
+    twice."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the run directory is incomplete, retrain or use a "
+                        "checkpoint")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError):  # EOFError: an empty file
+        raise UserError(f"{path} is corrupt (not a .npy table); retrain or use a "
+                        "checkpoint") from None
 
 
 def table_problem(table: np.ndarray, words: int, center_shape: tuple[int, ...]) -> str | None:
@@ -101,6 +121,8 @@ def table_problem(table: np.ndarray, words: int, center_shape: tuple[int, ...]) 
     rows and columns of it and would fail deep inside with an IndexError or a TypeError."""
     if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
         return f"is not a 2-D table of floats (a {table.ndim}-D array of {table.dtype})"
+    if table.shape[1] < 1:
+        return "has no columns (a table of 0 dimensions)"
     if table.shape[0] != words:
         return f"has {table.shape[0]} rows but the vocabulary {words} words"
     if table.shape != center_shape:
@@ -116,7 +138,7 @@ def load_checkpoint_embeddings(path: Path) -> Embeddings:
 
     payload = read_checkpoint(path, fix="use another checkpoint of the run, or its --run-dir "
                                         "once it has finished")
-    model = payload["model"]
+    model = payload["model"]  # read_checkpoint checked the tables and vocab (check_payload)
     vocab = Vocab.from_dict(payload["vocab"])
     return Embeddings(
         center=model["center.weight"].numpy(), context=model["context.weight"].numpy(), vocab=vocab

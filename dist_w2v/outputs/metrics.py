@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,6 +26,7 @@ from dist_w2v.atomic import write_text_atomically
 from dist_w2v.config import Config
 from dist_w2v.errors import UserError
 from dist_w2v.outputs import strict_json
+from dist_w2v.outputs.console import detach_stdout
 from dist_w2v.outputs.evaluate import format_neighbours, headline
 from dist_w2v.outputs.plot import plot_loss_curve
 from dist_w2v.parallel.env import DistEnv
@@ -101,9 +102,29 @@ class RunLogger(NullLogger):
         self.bar = ProgressLine(self.stream) if progress else None
 
     def info(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.clear()
-        print(message, file=self.stream, flush=True)
+        def write() -> None:
+            if self.bar is not None:
+                self.bar.clear()
+            print(message, file=self.stream, flush=True)
+
+        self._to_console(write)
+
+    def _to_console(self, write: Callable[[], None]) -> None:
+        """The console lines copy what metrics.jsonl keeps, so a console that cannot take them
+        (a full disk behind ``> log``, a ``| head`` that left) ends them with one warning on
+        stderr, never the run and its unsaved steps."""
+        if self.stream is None:
+            return
+        try:
+            write()
+        except OSError as exc:
+            if self.stream is sys.stdout:
+                detach_stdout()
+            self.stream, self.bar = None, None
+            with contextlib.suppress(OSError):
+                print(f"dist-w2v: warning: cannot write the log to the console "
+                      f"({exc.strerror or exc}); training goes on, and {self.metrics_path} "
+                      "keeps every record", file=sys.stderr, flush=True)
 
     def use_wandb(self, run: Any) -> None:
         self.wandb_run = run
@@ -150,7 +171,9 @@ class RunLogger(NullLogger):
         epoch = f"epoch {record['epoch'] + 1}" + (f"/{self.epochs}" if self.epochs else "")
         speed = f"loss {record['loss']:.4f} {record['center_words_per_s']:,.0f} center words/s"
         if self.bar is not None:
-            self.bar.draw(epoch, record["step"], record["steps_in_epoch"], speed)
+            bar = self.bar
+            self._to_console(lambda: bar.draw(epoch, record["step"], record["steps_in_epoch"],
+                                              speed))
         else:
             self.info(f"{epoch} step {record['step']}/{record['steps_in_epoch']} {speed}")
         self._wandb_log("train", {k: v for k, v in record.items() if k != "kind"},
@@ -184,7 +207,7 @@ class RunLogger(NullLogger):
     def close(self) -> None:
         """End of training: finish the bar, draw the loss curve, close the wandb run."""
         if self.bar is not None:
-            self.bar.clear()
+            self._to_console(self.bar.clear)
         try:
             plot = plot_loss_curve(read_metrics(self.run_dir), self.run_dir / LOSS_PLOT,
                                    self.title)

@@ -37,7 +37,7 @@ import torch
 
 from dist_w2v.atomic import TMP_SUFFIX, write_with
 from dist_w2v.config import CkptConfig
-from dist_w2v.data.vocab import UNK
+from dist_w2v.data.vocab import dict_problem as vocab_dict_problem
 from dist_w2v.errors import UserError
 from dist_w2v.parallel.env import DistEnv, any_rank
 
@@ -269,16 +269,10 @@ def check_tables(model: Any) -> tuple[int, int]:
 
 
 def check_vocab(vocab: Any, rows: int) -> None:
-    require(type(vocab) in PLAIN_MAPPINGS and sorted(vocab) == ["counts", "idx_to_token"],
-            "vocab must hold exactly idx_to_token and counts")
-    words, counts = vocab["idx_to_token"], vocab["counts"]
-    require(type(words) is list and all(type(w) is str for w in words),
-            "vocab idx_to_token is not a list of words")
-    require(type(counts) is list and all(type(c) is int and c >= 0 for c in counts),
-            "vocab counts is not a list of counts")
-    require(len(words) == len(counts) == rows, f"the tables have {rows} rows but the vocabulary "
-            f"{len(words)} words and {len(counts)} counts")
-    require(words[0] == UNK, f"vocab word 0 is {words[0]!r}, not {UNK}")
+    problem = vocab_dict_problem(dict(vocab) if type(vocab) in PLAIN_MAPPINGS else vocab)
+    require(problem is None, problem or "")
+    words = len(vocab["idx_to_token"])
+    require(words == rows, f"the tables have {rows} rows but the vocabulary {words} words")
 
 
 def check_config(config: Any, dim: int) -> None:

@@ -101,11 +101,7 @@ def check_run(config_path: str, overrides: list[str], run_dir: str | None, resum
     cfg = load_config(config_path, overrides)
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1 (got {world_size})")
-    dirs = user_dirs(environ)
-    device = choose_device(cfg.train.device, local_rank=0)
-    check_cuda_graph(cfg.train, device, world_size, resolve_kernel(cfg.train.kernel, device))
-    if world_size > 1:
-        resolve_exchange(cfg.dist.grad_exchange, choose_backend(cfg.dist.backend, device))
+    check_settings(cfg, world_size)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     check_unlocked(run_path)
     check_writable(run_path)
@@ -115,9 +111,19 @@ def check_run(config_path: str, overrides: list[str], run_dir: str | None, resum
     found = checkpointer.resolve(resume)
     if found is not None:
         check_same_settings(found, cfg)
-    check_shards(cfg.data, cfg.train.batch_size, world_size)
-    check_data(cfg.data, dirs)
+    check_data(cfg.data, user_dirs(environ))
     return 0
+
+
+def check_settings(cfg: Config, world_size: int) -> None:
+    """What a run of ``world_size`` processes refuses in its settings, wherever it runs: the
+    device, the kernel and CUDA graphs for it, the backend's exchange, the shard split (also
+    ``bench``'s check before it launches anything)."""
+    device = choose_device(cfg.train.device, local_rank=0)
+    check_cuda_graph(cfg.train, device, world_size, resolve_kernel(cfg.train.kernel, device))
+    if world_size > 1:
+        resolve_exchange(cfg.dist.grad_exchange, choose_backend(cfg.dist.backend, device))
+    check_shards(cfg.data, cfg.train.batch_size, world_size)
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, env: DistEnv) -> None:
