@@ -30,6 +30,13 @@ def _require_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, f"must be one of {', '.join(choices)} (got {value!r})")
 
 
+MAX_WINDOW = 10_000  # data.max_sentence_length's default: no context reaches further
+MAX_NEGATIVES = 10_000
+MAX_DIM = 1_000_000_000  # past this a table's byte count nears int64; below, the allocator says no
+MAX_BATCH = 2**31
+MAX_TIMEOUT_S = 7 * 24 * 3600
+
+
 @dataclass
 class DataConfig:
     prepared: str | None = None
@@ -75,8 +82,12 @@ class DataConfig:
         _require(self.max_vocab >= 0, "data.max_vocab", "must be >= 0 (0 = no limit)")
         _require(self.max_sentence_length >= 2, "data.max_sentence_length", "must be >= 2")
         _require(self.subsample_t > 0, "data.subsample_t", "must be > 0")
-        _require(self.max_window >= 1, "data.max_window", "must be >= 1")
-        _require(self.num_negatives >= 1, "data.num_negatives", "must be >= 1")
+        # Upper bounds far above any useful value: past them the example layout's size
+        # overflows (a traceback deep in the builder) long before it trains anything.
+        _require(1 <= self.max_window <= MAX_WINDOW, "data.max_window",
+                 f"must be in [1, {MAX_WINDOW:,}] (got {self.max_window})")
+        _require(1 <= self.num_negatives <= MAX_NEGATIVES, "data.num_negatives",
+                 f"must be in [1, {MAX_NEGATIVES:,}] (got {self.num_negatives})")
         _require(self.shards >= 1, "data.shards", "must be >= 1")
         _require(self.chunk_tokens >= 1024, "data.chunk_tokens", "must be >= 1024")
 
@@ -87,7 +98,8 @@ class ModelConfig:
     """Embedding width D of both tables."""
 
     def __post_init__(self) -> None:
-        _require(self.dim >= 1, "model.dim", "must be >= 1")
+        _require(1 <= self.dim <= MAX_DIM, "model.dim",
+                 f"must be in [1, {MAX_DIM:,}] (got {self.dim})")
 
 
 OPTIMIZERS = ("adam", "sparse_adam", "sgd", "rowwise_adagrad")
@@ -153,7 +165,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", "must be >= 1")
         _require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0 = no limit)")
-        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _require(1 <= self.batch_size <= MAX_BATCH, "train.batch_size",
+                 f"must be in [1, {MAX_BATCH:,}] (got {self.batch_size})")
         _require(self.lr > 0, "train.lr", "must be > 0")
         _require(self.lr_min >= 0, "train.lr_min", "must be >= 0")
         _require_choice(self.optimizer, "train.optimizer", OPTIMIZERS)
@@ -207,8 +220,10 @@ class DistConfig:
     def __post_init__(self) -> None:
         _require_choice(self.backend, "dist.backend", BACKENDS)
         _require_choice(self.grad_exchange, "dist.grad_exchange", GRAD_EXCHANGES)
-        _require(self.timeout_s > 0, "dist.timeout_s",
-                 f"must be > 0 seconds (got {self.timeout_s})")
+        # c10d and gloo keep the timeout in int milliseconds: past about 2**31 ms it wraps
+        # (a rank gave up at once, "after 1e+10 s") or overflows.
+        _require(0 < self.timeout_s <= MAX_TIMEOUT_S, "dist.timeout_s",
+                 f"must be in (0, {MAX_TIMEOUT_S:,}] seconds (a week; got {self.timeout_s})")
 
 
 @dataclass
@@ -474,6 +489,9 @@ def load_config(
         except yaml.YAMLError as exc:
             raise UserError(f"config file {path} is not valid YAML{yaml_error_place(exc)}; fix "
                             "it there") from None
+        except OSError as exc:
+            raise UserError(f"cannot read config file {path} ({exc.strerror or exc}); fix its "
+                            "permissions") from None
         flat.update(_flatten_yaml(raw, str(path)))
     given: list[str] = []
     for text in overrides:

@@ -72,7 +72,7 @@ def test_unknown_word(trained_run):
         (["data.corpus=/nonexistent/corpus.txt"], "corpus file /nonexistent/corpus.txt not found"),
         (["train.bogus=1"], "unknown key 'train.bogus'"),
         (["train.lr=-1"], "train.lr must be > 0"),
-        (["data.max_window=0"], "data.max_window must be >= 1"),
+        (["data.max_window=0"], "data.max_window must be in [1, 10,000] (got 0)"),
     ],
 )
 def test_train_user_mistakes(tmp_path, overrides, fragment):

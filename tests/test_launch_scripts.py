@@ -179,6 +179,24 @@ def test_sbatch_two_nodes_rendezvous_at_the_first_host(stubs):
     ]
 
 
+@pytest.mark.parametrize("knob, value", [
+    ("NPROC_PER_NODE", "2x"), ("NPROC_PER_NODE", "08"), ("NPROC_PER_NODE", "abc"),
+    ("NPROC_PER_NODE", "0"), ("RDZV_PORT", "99999"), ("RDZV_PORT", "abc"),
+    ("MAX_RESTARTS", "abc"), ("MIN_PROGRESS_STEPS", "x1"),
+])
+def test_sbatch_refuses_a_bad_knob_before_anything_runs(stubs, knob, value):
+    """"2x" was bash's "value too great for base", then srun and torchrun started anyway;
+    "abc" an "unbound variable"; MIN_PROGRESS_STEPS failed only after the run, leaving the
+    requeue marker behind."""
+    result, calls = run_script_result(SBATCH, TRAIN_ARGS, stubs, SLURM_JOB_ID="9",
+                                      SLURM_NNODES="1", SLURM_JOB_NODELIST="n1",
+                                      STUB_HOSTS="n1", SLURM_GPUS_ON_NODE="2", **{knob: value})
+    assert result.returncode == 2 and calls == [], result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dist-w2v: error: {knob}={value} must be a "
+                                                   "whole number from "), lines
+
+
 def test_sbatch_rendezvous_port_differs_between_jobs_and_can_be_set(stubs):
     """Jobs sharing a node must not share the c10d port (29500 for all made the second fail)."""
     env = {"SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1", "STUB_HOSTS": "n1"}

@@ -583,6 +583,21 @@ def test_a_compressed_file_under_another_name_is_named_as_such(tmp_path, name, m
     assert f"input {path} is not UTF-8 text (byte " in line and line.endswith(f"); {hint}")
 
 
+@pytest.mark.parametrize("kind", ["utf-16", "zeros"])
+def test_text_holding_nul_bytes_is_refused(tmp_path, small_corpus, kind):
+    """Valid UTF-8, yet no text: UTF-16 without a byte-order mark prepared into a vocabulary
+    of words like 't\0h\0e\0', and a file of zeros into one word, with exit 0."""
+    path = tmp_path / "input.txt"
+    text = small_corpus.read_text(encoding="utf-8")
+    path.write_bytes(text.encode("utf-16-le") if kind == "utf-16" else bytes(100_000))
+    line = one_line_error(run_cli("prepare", str(small_corpus), str(path), "--out",
+                                  str(tmp_path / "o")))
+    assert line == (f"dist-w2v: error: input {path} holds a NUL byte (byte "
+                    f"{1 if kind == 'utf-16' else 0}): it is binary or UTF-16 text, not UTF-8; "
+                    "convert it to UTF-8")
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_edited_manifest_is_one_line(tmp_path, small_corpus):
     """Infinity as a size was an OverflowError; a tokens.bin of 4k+2 bytes, with the manifest
     edited to match, numpy's ValueError."""

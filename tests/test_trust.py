@@ -489,6 +489,8 @@ def test_check_passes_silently_and_creates_nothing(corpus, tmp_path):
     (("--resume", "auto", "--overwrite", "--world-size", "0"), "--world-size must be >= 1"),
     (("--resume", "auto", "--overwrite", "train.cuda_graph=true"),
      "train.cuda_graph needs one CUDA process"),
+    (("--resume", "auto", "--overwrite", "train.threads=100000"),
+     "train.threads=100000 is more than the "),  # was LLVM's abort, exit 134
 ])
 def test_check_names_the_first_problem(run_copy, corpus, capsys, extra, fragment):
     if extra == ("--resume", "auto"):  # no checkpoint to resume: a fresh start over outputs
@@ -517,6 +519,73 @@ def test_check_refuses_a_run_dir_under_a_file(corpus, tmp_path, capsys):
     assert train_here(*train_args(corpus, run_dir), "--check") == 2
     assert (f"cannot write to run directory {run_dir} (not a folder at {tmp_path / 'file'})"
             in one_error_line(capsys.readouterr().err))
+
+
+def test_a_config_yaml_of_no_run_is_not_replaced(corpus, tmp_path):
+    """`--run-dir` at a folder holding a config.yaml of the user's replaced it (and any
+    metrics.jsonl) with exit 0. A crashed run's own config.yaml, and files of other names (a
+    log beside the run), are no reason to refuse."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("model: resnet50\nepochs: 90\n")
+    (folder / "train.log").write_text("log\n")
+    before = snapshot(folder)
+    for extra in (("--check",), ()):
+        result = run_cli(*train_args(corpus, folder), *extra)
+        assert result.returncode == 2, extra
+        assert one_error_line(result.stderr) == (
+            f"dist-w2v: error: --run-dir {folder} holds a config.yaml of no dist-w2v run, which "
+            "a run would replace; move that file, or choose a new or empty folder")
+        assert snapshot(folder) == before  # not even a .lock
+    load_config(REPO / "configs" / "ptb.yaml").save(folder / "config.yaml")  # a crashed run's
+    assert run_cli(*train_args(corpus, folder)).returncode == 0
+    assert (folder / "center.npy").is_file() and (folder / "train.log").read_text() == "log\n"
+
+
+def test_a_file_where_the_checkpoints_go_is_refused_before_training(corpus, tmp_path):
+    """It failed at the first checkpoint, an epoch later, advising --resume auto (which failed
+    the same way); --check passed."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("x\n")
+    for extra in (("--check",), ()):
+        result = run_cli(*train_args(corpus, run_dir), *extra)
+        assert result.returncode == 2, extra
+        assert one_error_line(result.stderr) == (
+            f"dist-w2v: error: {run_dir / 'checkpoints'} is not a folder, and the run's "
+            "checkpoints go there; move it away or choose another --run-dir")
+        assert not (run_dir / "metrics.jsonl").exists()
+
+
+def without_file_permission_override() -> list[str]:
+    """A command prefix that drops root's right to read any file (tests run as root here)."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0:
+        return []
+    if setpriv is None:
+        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+@pytest.mark.parametrize("unreadable", ["config", "corpus"])
+def test_an_unreadable_config_or_corpus_is_one_line(corpus, tmp_path, unreadable):
+    """Both were a PermissionError traceback, under --check too (so in the launch scripts)."""
+    config = tmp_path / "c.yaml"
+    config.write_text((REPO / "configs" / "ptb.yaml").read_text())
+    text = tmp_path / "corpus.txt"
+    shutil.copy(corpus, text)
+    (config if unreadable == "config" else text).chmod(0)
+    args = [*train_args(text, tmp_path / "run"), "--check"]
+    args[args.index("--config") + 1] = str(config)
+    result = subprocess.run([*without_file_permission_override(), sys.executable, "-m",
+                             "dist_w2v.cli", *args], capture_output=True, text=True,
+                            env=cli_env(), cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr
+    line = one_error_line(result.stderr)
+    named = config if unreadable == "config" else text
+    what = "config file " if unreadable == "config" else ""
+    assert f"cannot read {what}{named} (Permission denied); fix its permissions" in line, line
 
 
 def test_world_size_is_an_option_of_check_only(corpus, tmp_path, capsys):

@@ -340,13 +340,27 @@ def _not_text_hint(head: bytes) -> str:
     return "convert it to UTF-8"
 
 
+def _refuse_nul(block: Block) -> None:
+    """NUL is valid UTF-8 but never text: UTF-16 without a byte-order mark, or a binary file,
+    passed the UTF-8 check and became a vocabulary of garbage (a file of zeros, one word)."""
+    for path, start, end, offset in block.sources:
+        at = block.data.find(b"\x00", start, end)
+        if at >= 0:
+            raise UserError(f"input {path} holds a NUL byte (byte {offset + at - start:,}"
+                            f"{' uncompressed' if path.suffix in OPENERS else ''}): it is binary "
+                            "or UTF-16 text, not UTF-8; convert it to UTF-8")
+
+
 def _as_text(block: Block) -> Any:
-    """The block as a one-element pyarrow string array; the cast validates UTF-8."""
+    """The block as a one-element pyarrow string array; the cast validates UTF-8 (first: its
+    message names compressed data, whose magic numbers may hold a NUL)."""
     raw = pa.Array.from_buffers(pa.binary(), 1, [
         None, pa.py_buffer(np.array([0, len(block.data)], dtype=np.int32)),
         pa.py_buffer(block.data)])
     try:
-        return raw.cast(pa.string())
+        text = raw.cast(pa.string())
+        _refuse_nul(block)
+        return text
     except pa.ArrowInvalid:
         for path, start, end, offset in block.sources:
             try:

@@ -49,6 +49,11 @@ HOST = socket.gethostname()
 # ----------------------------------------------------------------------------- checksums
 
 
+def unreadable(path: Path, exc: OSError) -> UserError:
+    return UserError(f"cannot read {path} ({exc.strerror or exc}); fix its permissions, or "
+                     "point the config at a file this process can read")
+
+
 def file_checksum(path: Path, algorithm: str, cache: Path) -> str:
     """The file's digest, remembered in ``cache/checksums.json`` by (path, size, mtime_ns)."""
     path = Path(path).resolve()
@@ -65,7 +70,10 @@ def file_checksum(path: Path, algorithm: str, cache: Path) -> str:
     if (isinstance(entry, dict) and entry.get("bytes") == stat.st_size
             and entry.get("mtime_ns") == stat.st_mtime_ns):
         return str(entry["digest"])
-    digest = file_digest(path, algorithm)
+    try:
+        digest = file_digest(path, algorithm)
+    except OSError as exc:
+        raise unreadable(path, exc) from None
     known[key] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "digest": digest}
     with contextlib.suppress(OSError):  # an unwritable cache only costs a hash next time
         cache.mkdir(parents=True, exist_ok=True)
@@ -157,8 +165,13 @@ def check_data(cfg: DataConfig, dirs: UserDirs) -> None:
     training would). Raises a one-line UserError."""
     if cfg.prepared:
         load_prepared(cfg.prepared)
-    else:
-        corpus_path(cfg, dirs)
+        return
+    path = corpus_path(cfg, dirs)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise unreadable(path, exc) from None
 
 
 def settings_for(cfg: DataConfig) -> PrepareSettings:

@@ -170,9 +170,19 @@ def set_threads(requested: int, local_world_size: int, device: torch.device) -> 
     "Threads"): one step thread 509k center words/s quiet and 485k with a core busy elsewhere
     (95%); two threads 768k quiet but 262k busy (34%; 457k with OMP_WAIT_POLICY=PASSIVE).
     """
+    check_threads(requested)
     share = core_share(local_world_size)
     threads = requested or (max(1, share - 1) if device.type == "cpu" else share)
     torch.set_num_threads(threads)
+
+
+def check_threads(requested: int) -> None:
+    """More threads than cores only slow the step (1,000 ran 90x slower than 1), and far more
+    abort numba's compiler ("LLVM ERROR: Unable to allocate section memory")."""
+    cores = usable_cores()
+    if requested > cores:
+        raise UserError(f"config: train.threads={requested} is more than the {cores} cores "
+                        f"this process may use; give at most {cores}, or 0 (auto)")
 
 
 def core_share(local_world_size: int) -> int:

@@ -25,6 +25,7 @@ from dist_w2v.outputs.evaluate import TrainingEvaluator
 from dist_w2v.outputs.metrics import make_logger, start_wandb
 from dist_w2v.parallel.env import (
     DistEnv,
+    check_threads,
     choose_backend,
     choose_device,
     distributed,
@@ -72,6 +73,27 @@ def refuse_finished_outputs(run_dir: Path, resume: str | None, overwrite: bool,
         )
 
 
+def refuse_foreign_run_dir(run_dir: Path) -> None:
+    """A run writes config.yaml (and the rest) under fixed names: in a folder that holds no run
+    yet, a config.yaml that is no dist-w2v config is a user's file (`--run-dir .` in a project
+    of another tool), which the run would replace. Other files of the user's (a log, notes)
+    are left alone and stay. A file where the checkpoints go would fail only at the first
+    checkpoint, after an epoch of training."""
+    checkpoints = run_dir / "checkpoints"
+    if os.path.lexists(checkpoints) and not checkpoints.is_dir():
+        raise UserError(f"{checkpoints} is not a folder, and the run's checkpoints go there; "
+                        "move it away or choose another --run-dir")
+    config = run_dir / "config.yaml"
+    if checkpoints.is_dir() or (run_dir / CENTER_FILE).exists() or not config.is_file():
+        return
+    try:
+        load_config(config)  # a run that failed before its first checkpoint wrote one
+    except UserError:
+        raise UserError(f"--run-dir {run_dir} holds a config.yaml of no dist-w2v run, which a "
+                        "run would replace; move that file, or choose a new or empty "
+                        "folder") from None
+
+
 @contextlib.contextmanager
 def run_dir_held(env: DistEnv, run_dir: Path) -> Iterator[None]:
     """Rank 0 holds the run directory's lock for the block; every rank fails if it is taken."""
@@ -105,6 +127,7 @@ def check_run(config_path: str, overrides: list[str], run_dir: str | None, resum
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
     check_unlocked(run_path)
     check_writable(run_path)
+    refuse_foreign_run_dir(run_path)
     checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, DistEnv())
     resume = effective_resume(resume, DistEnv(), checkpointer)
     refuse_finished_outputs(run_path, resume, overwrite, checkpointer)
@@ -119,6 +142,7 @@ def check_settings(cfg: Config, world_size: int) -> None:
     """What a run of ``world_size`` processes refuses in its settings, wherever it runs: the
     device, the kernel and CUDA graphs for it, the backend's exchange, the shard split (also
     ``bench``'s check before it launches anything)."""
+    check_threads(cfg.train.threads)
     device = choose_device(cfg.train.device, local_rank=0)
     check_cuda_graph(cfg.train, device, world_size, resolve_kernel(cfg.train.kernel, device))
     if world_size > 1:
@@ -174,6 +198,7 @@ def run_train(config_path: str, overrides: list[str], run_dir: str | None, resum
               environ: Mapping[str, str], overwrite: bool = False) -> int:
     cfg = load_config(config_path, overrides)
     run_path = Path(run_dir) if run_dir else default_run_dir(config_path)
+    refuse_foreign_run_dir(run_path)  # before the lock, which would leave .lock in it
     with StopRequest() as stop, distributed(cfg, environ) as env, run_dir_held(env, run_path):
         check_shards(cfg.data, cfg.train.batch_size, env.world_size)
         checkpointer = Checkpointer(run_path / "checkpoints", cfg.ckpt, env)
