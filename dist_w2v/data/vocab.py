@@ -28,9 +28,10 @@ class Vocab:
 
     idx_to_token: list[str]
     counts: np.ndarray
+    """int64 whatever it is given as (a list, floats): to_dict must save ints."""
 
     def __post_init__(self) -> None:
-        self.counts = np.asarray(self.counts, dtype=np.int64)  # saved as ints (dict_problem)
+        self.counts = np.asarray(self.counts, dtype=np.int64)
         self.token_to_idx = {t: i for i, t in enumerate(self.idx_to_token)}
 
     def __len__(self) -> int:
@@ -55,7 +56,7 @@ class Vocab:
     @classmethod
     def from_dict(cls, raw: dict[str, list]) -> Vocab:
         """The inverse of :meth:`to_dict`, of a dict that :func:`dict_problem` passed."""
-        return cls(list(raw["idx_to_token"]), np.asarray(raw["counts"], dtype=np.int64))
+        return cls(list(raw["idx_to_token"]), raw["counts"])
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict()))
@@ -119,4 +120,4 @@ def parse_vocab_text(data: bytes, path: Path) -> Vocab:
                             "prepare the corpus again")
         words.append(word)
         counts.append(int(count))
-    return Vocab(words, np.asarray(counts, dtype=np.int64))
+    return Vocab(words, counts)
